@@ -1,0 +1,3 @@
+from safelora_cli.cli import main
+
+main()

@@ -1,0 +1,103 @@
+"""Resolve: turn each REF (a local folder or a hub id) into a local folder.
+
+Hub ids (``org/name``, optionally ``@revision``) go through huggingface_hub's cache, fetching only
+``*.safetensors`` and ``*.json`` and honouring ``HF_HUB_OFFLINE``. Nothing else is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safelora_cli.errors import HubError, UsageError
+
+HUB_PATTERNS = ["*.safetensors", "*.json"]
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    """A local folder for one input, and where it came from (for the report)."""
+
+    ref: str
+    path: Path
+    hub_id: str | None = None
+    revision: str | None = None
+    files: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """The report's ``inputs`` entry: path or hub id + revision, files and sizes."""
+        return {
+            "ref": self.ref,
+            "path": str(self.path),
+            "hub_id": self.hub_id,
+            "revision": self.revision,
+            "files": dict(sorted(self.files.items())),
+            "bytes": sum(self.files.values()),
+        }
+
+
+def resolve(ref: str, revision: str | None = None, role: str = "input") -> ResolvedInput:
+    """Resolve a local folder or hub id to a local folder.
+
+    Args:
+        ref: a folder path, ``org/name`` or ``org/name@revision``.
+        revision: hub revision (``--revision``); an ``@rev`` in ``ref`` takes precedence.
+        role: how to name the input in errors ("--base").
+    Returns:
+        The resolved input, with the folder's safetensors/json files and sizes.
+    Raises:
+        UsageError: a path that does not exist and is not a hub id, or a file where a folder is due.
+        HubError: the hub id cannot be resolved (offline and not cached, not found, gated...).
+    """
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        path = local.resolve()
+        return ResolvedInput(ref, path, files=_listing(path))
+    if local.exists():
+        raise UsageError(f"{role} {ref}: is a file; give the folder that holds it")
+    match = _HUB_ID.match(ref)
+    if match is None or ref.startswith((".", "/", "~")):
+        raise UsageError(
+            f"{role} {ref}: no such folder, and not a hub id (org/name[@revision])",
+            "check the path",
+        )
+    repo, rev = match["repo"], match["rev"] or revision
+    path = Path(_download(repo, rev, role))
+    return ResolvedInput(ref, path, hub_id=repo, revision=rev, files=_listing(path))
+
+
+def _listing(path: Path) -> dict[str, int]:
+    return {
+        p.name: p.stat().st_size
+        for p in path.iterdir()
+        if p.is_file() and p.suffix in (".safetensors", ".json")
+    }
+
+
+def _download(repo: str, revision: str | None, role: str) -> str:
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
+
+    where = f"{role} {repo}" + (f"@{revision}" if revision else "")
+    try:
+        result = snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS)
+    except hub_errors.GatedRepoError as exc:
+        raise HubError(
+            f"{where}: the repository is gated",
+            f"request access at https://huggingface.co/{repo} and log in with `hf auth login`",
+        ) from exc
+    except hub_errors.RepositoryNotFoundError as exc:
+        raise HubError(f"{where}: repository not found", "check the id, or log in") from exc
+    except hub_errors.RevisionNotFoundError as exc:
+        raise HubError(f"{where}: revision not found", "check --revision") from exc
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled) as exc:
+        raise HubError(
+            f"{where}: not in the local cache and the hub cannot be reached (offline)",
+            "download it once while online (`hf download`), or pass a local folder",
+        ) from exc
+    except (hub_errors.HfHubHTTPError, OSError, ValueError) as exc:
+        raise HubError(f"{where}: cannot fetch ({exc})", "check the network and the id") from exc
+    return str(result)

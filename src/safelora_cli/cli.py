@@ -20,13 +20,19 @@ import typer
 from rich.console import Console
 
 from safelora_cli import __version__
-from safelora_cli.errors import SafeLoraError
+from safelora_cli.errors import SafeLoraError, UsageError
 
 if TYPE_CHECKING:
-    from safelora_cli.pipeline import ProgressFn, Settings
+    from safelora_cli.pipeline import ProgressFn, Result, Settings
 
 INTERNAL_ERROR = 70
+SHORT_REASONS = {
+    "base and aligned identical": "skipped: V = 0",
+    "LoRA delta is zero": "skipped: BA = 0",
+}
 stderr = Console(stderr=True)
+if not stderr.is_terminal:  # logs and CI: room for full module names
+    stderr.width = max(stderr.width, 120)
 
 app = typer.Typer(
     name="safelora",
@@ -37,7 +43,13 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-AdapterArg = Annotated[str, typer.Argument(help="PEFT LoRA adapter folder.", show_default=False)]
+AdaptersArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="PEFT LoRA adapter folder(s); '-' reads one path per line from stdin.",
+        show_default=False,
+    ),
+]
 BaseOpt = Annotated[
     str, typer.Option("--base", help="Base model: folder or hub id org/name[@rev].")
 ]
@@ -53,7 +65,18 @@ NumLayersOpt = Annotated[
 ThresholdOpt = Annotated[
     float, typer.Option("--threshold", help="T for --select threshold, in [-1, 1].")
 ]
-ProjectionOpt = Annotated[str, typer.Option("--projection", help="paper: Ĉ = V Vᵀ / ‖V‖_F.")]
+ProjectionOpt = Annotated[
+    str,
+    typer.Option(
+        "--projection",
+        help="paper: Ĉ = V Vᵀ/‖V‖_F (official); subspace: U_k U_kᵀ, top-k singular vectors of V.",
+    ),
+]
+RankOpt = Annotated[int | None, typer.Option("--rank", help="k for --projection subspace.")]
+EnergyOpt = Annotated[
+    float | None,
+    typer.Option("--energy", help="Smallest k whose σ² cover this share of ‖V‖² (subspace)."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 RevisionOpt = Annotated[
     str | None, typer.Option("--revision", help="Hub revision for --base and --aligned.")
@@ -156,9 +179,10 @@ def _summary_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     summary = report["summary"]
+    adapter_path = report["inputs"]["adapter"]["path"]
     shown = [m for m in report["modules"] if m["projected"] or m["skipped"]]
     table = Table(
-        title="safelora: projected and skipped modules",
+        title=f"safelora: {adapter_path}: projected and skipped modules",
         caption=(
             f"{summary['projected']} of {summary['modules']} modules projected, "
             f"{summary['skipped']} skipped; threshold used {_num(summary['threshold_used'])}; "
@@ -170,7 +194,7 @@ def _summary_table(report: dict[str, Any]) -> None:
         table.add_column(column, justify="right")
     table.add_column("status")
     for m in shown:
-        status = "projected" if m["projected"] else f"skipped: {m['skipped']}"
+        status = "projected" if m["projected"] else SHORT_REASONS.get(m["skipped"], "skipped")
         table.add_row(
             m["module"],
             _num(m["cosine"]),
@@ -186,29 +210,53 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _emit(report: dict[str, Any], as_json: bool, quiet: bool, result_line: str | None) -> None:
+def _emit(results: list[Result], as_json: bool, quiet: bool, batch: bool) -> None:
+    """Tables to stderr; to stdout only the result: output path(s), or the report(s) as JSON."""
     if not quiet:
-        _summary_table(report)
+        for result in results:
+            _summary_table(result.report)
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
-    elif result_line is not None:
-        sys.stdout.write(result_line + "\n")
+        reports = [r.report for r in results]
+        sys.stdout.write(json.dumps(reports if batch else reports[0], indent=2) + "\n")
+        return
+    for result in results:
+        if result.output is not None:
+            sys.stdout.write(f"{result.output}\n")
+
+
+def _adapter_list(adapters: list[str]) -> tuple[list[str], bool]:
+    """The ADAPTER arguments, with '-' read from stdin; and whether this is a batch run."""
+    if adapters == ["-"]:
+        listed = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+        if not listed:
+            raise UsageError("ADAPTER '-': stdin held no adapter paths", "pipe one path per line")
+        return listed, True
+    if "-" in adapters:
+        raise UsageError("ADAPTER '-' must be the only ADAPTER argument")
+    return adapters, len(adapters) > 1
 
 
 @app.command(epilog=PATCH_EXAMPLES)
 def patch(
-    adapter: AdapterArg,
+    adapters: AdaptersArg,
     base: BaseOpt,
     aligned: AlignedOpt,
-    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the result.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="New folder (with several adapters: OUTPUT/<adapter name>)."
+        ),
+    ],
     select: SelectOpt = "number",
     num_layers: NumLayersOpt = 10,
     threshold: ThresholdOpt = 0.5,
     projection: ProjectionOpt = "paper",
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
     device: DeviceOpt = "auto",
     report: Annotated[
         Path | None,
-        typer.Option("--report", help="Write the report here instead of OUTPUT/."),
+        typer.Option("--report", help="Write the report here instead of OUTPUT/ (one adapter)."),
     ] = None,
     as_json: JsonOpt = False,
     force: Annotated[
@@ -220,46 +268,62 @@ def patch(
 ) -> None:
     """Project the drifting modules of ADAPTER and write a patched adapter to OUTPUT."""
     with _errors_to_exit():
-        from safelora_cli.pipeline import run_patch
+        paths, batch = _adapter_list(adapters)
+        if batch and report is not None:
+            raise UsageError("--report takes one adapter", "each batch output has its own report")
+        from safelora_cli import pipeline
 
         settings = _settings(
             select=select,
             num_layers=num_layers,
             threshold=threshold,
             projection=projection,
+            rank=rank,
+            energy=energy,
             device=device,
             adapter_name=adapter_name,
         )
         with _progress(quiet) as progress:
-            result = run_patch(
-                adapter,
-                base,
-                aligned,
-                output,
-                settings,
-                force=force,
-                report_path=report,
-                revision=revision,
-                progress=progress,
-            )
-        _emit(result.report, as_json, quiet, str(output))
+            if batch:
+                results = pipeline.patch_many(
+                    paths, base, aligned, output, settings,
+                    force=force, revision=revision, progress=progress,
+                )  # fmt: skip
+            else:
+                results = [
+                    pipeline.patch(
+                        paths[0],
+                        base,
+                        aligned,
+                        output,
+                        settings,
+                        force=force,
+                        report_path=report,
+                        revision=revision,
+                        progress=progress,
+                    )  # fmt: skip
+                ]
+        _emit(results, as_json, quiet, batch)
 
 
 @app.command(epilog=SCORE_EXAMPLES)
 def score(
-    adapter: AdapterArg,
+    adapters: AdaptersArg,
     base: BaseOpt,
     aligned: AlignedOpt,
     select: SelectOpt = "number",
     num_layers: NumLayersOpt = 10,
     threshold: ThresholdOpt = 0.5,
     projection: ProjectionOpt = "paper",
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
     fail_if_projected: Annotated[
         int | None,
         typer.Option(
-            "--fail-if-projected", help="Exit 1 if more than N modules would be projected."
+            "--fail-if-projected",
+            help="Exit 1 if more than N modules of any adapter would be projected (CI gate).",
         ),
     ] = None,
     quiet: QuietOpt = False,
@@ -268,25 +332,33 @@ def score(
 ) -> None:
     """Score ADAPTER's modules and show which would be projected; writes nothing."""
     with _errors_to_exit():
-        from safelora_cli.pipeline import run_score
+        paths, batch = _adapter_list(adapters)
+        from safelora_cli import pipeline
 
         settings = _settings(
             select=select,
             num_layers=num_layers,
             threshold=threshold,
             projection=projection,
+            rank=rank,
+            energy=energy,
             device=device,
             adapter_name=adapter_name,
         )
         with _progress(quiet) as progress:
-            result = run_score(adapter, base, aligned, settings, revision, progress)
-        _emit(result.report, as_json, quiet, None)
-    projected = result.report["summary"]["projected"]
-    if fail_if_projected is not None and projected > fail_if_projected:
+            results = pipeline.score_many(paths, base, aligned, settings, revision, progress)
+        _emit(results, as_json, quiet, batch)
+    if fail_if_projected is None:
+        return
+    over = [r for r in results if r.report["summary"]["projected"] > fail_if_projected]
+    for result in over:
+        adapter_path = result.report["inputs"]["adapter"]["path"]
         print(
-            f"gate failed: {projected} modules would be projected, more than {fail_if_projected}",
+            f"gate failed: {adapter_path}: {result.report['summary']['projected']} modules "
+            f"would be projected, more than {fail_if_projected}",
             file=sys.stderr,
         )
+    if over:
         raise typer.Exit(1)
 
 

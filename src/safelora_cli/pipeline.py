@@ -1,14 +1,17 @@
 """Pipeline: the only place the steps meet. resolve -> index -> pair -> stream -> project ->
 select -> write -> report, in one direction.
+
+Several adapters against one model pair share the stream: each base/aligned weight is read once
+and V is applied to every adapter that targets it.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,14 @@ from safelora_cli.errors import NumericalError, UsageError
 from safelora_cli.index import TensorIndex, TensorInfo, index_folder
 from safelora_cli.loader import TORCH_DTYPES, TensorReader
 from safelora_cli.pairing import ModulePair, pair_modules
-from safelora_cli.projection import ModuleScore, alignment_matrix, score_module
+from safelora_cli.projection import (
+    PAPER,
+    SUBSPACE,
+    ModuleScore,
+    ProjectionSpec,
+    alignment_matrix,
+    score_module,
+)
 from safelora_cli.resolve import ResolvedInput, resolve
 from safelora_cli.select import (
     DEFAULT_NUM_LAYERS,
@@ -38,7 +48,8 @@ from safelora_cli.writer import (
 )
 
 ProgressFn = Callable[[int, int, str], None]
-"""Called as ``progress(done, total, module)`` after each module is scored."""
+"""Called as ``progress(done, total, weight)`` after each base/aligned weight is processed."""
+PathLike = str | Path
 
 
 @dataclass(frozen=True)
@@ -48,27 +59,58 @@ class Settings:
     select: str = "number"
     num_layers: int = DEFAULT_NUM_LAYERS
     threshold: float = DEFAULT_THRESHOLD
-    projection: str = "paper"
+    projection: str = PAPER
+    rank: int | None = None
+    energy: float | None = None
     device: str = "auto"
     adapter_name: str | None = None
+
+    def projection_spec(self) -> ProjectionSpec:
+        """The projector, validated: subspace needs exactly one of rank and energy."""
+        if self.projection == PAPER:
+            if self.rank is not None or self.energy is not None:
+                raise UsageError("--rank/--energy apply to --projection subspace only")
+            return ProjectionSpec()
+        if self.projection != SUBSPACE:
+            raise UsageError(f"--projection {self.projection!r} is not 'paper' or 'subspace'")
+        if (self.rank is None) == (self.energy is None):
+            raise UsageError("--projection subspace needs one of --rank K or --energy E")
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--rank {self.rank} must be at least 1")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise UsageError(f"--energy {self.energy} must be in (0, 1]")
+        return ProjectionSpec(SUBSPACE, self.rank, self.energy)
+
+
+@dataclass(frozen=True)
+class AdapterJob:
+    """One adapter, validated and paired against the model pair."""
+
+    input: ResolvedInput
+    adapter: Adapter
+    pairs: list[ModulePair]
 
 
 @dataclass(frozen=True)
 class Job:
     """Everything validated before the heavy read: inputs, indexes and module pairs."""
 
-    adapter_input: ResolvedInput
     base_input: ResolvedInput
     aligned_input: ResolvedInput
-    adapter: Adapter
     base: TensorIndex
     aligned: TensorIndex
-    pairs: list[ModulePair]
+    adapters: list[AdapterJob]
+    spec: ProjectionSpec = field(default_factory=ProjectionSpec)
+
+    def local_inputs(self) -> list[Path]:
+        return [self.base_input.path, self.aligned_input.path] + [
+            a.input.path for a in self.adapters
+        ]
 
 
 @dataclass(frozen=True)
 class Result:
-    """A finished run: the report, and the output folder (None for ``score``)."""
+    """A finished run for one adapter: its report, and its output folder (None for ``score``)."""
 
     report: dict[str, Any]
     output: Path | None
@@ -82,13 +124,13 @@ def resolve_device(spec: str) -> torch.device:
         device = torch.device(spec)
     except RuntimeError as exc:
         raise UsageError(
-            f"--device {spec!r} is not a device", "use auto, cpu, cuda or cuda:N"
+            f"--device {spec!r} is not a device", "use auto, cpu, cuda, cuda:N"
         ) from exc
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
             raise UsageError(
-                f"--device {spec}: no such CUDA device ({count} found)", "use --device cpu"
+                f"--device {spec}: no such CUDA device ({count} found)", "--device cpu"
             )
     elif device.type != "cpu":
         raise UsageError(f"--device {spec!r} is not supported", "use auto, cpu, cuda or cuda:N")
@@ -96,40 +138,55 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def prepare(
-    adapter_ref: str,
-    base_ref: str,
-    aligned_ref: str,
+    adapters: Sequence[PathLike],
+    base: PathLike,
+    aligned: PathLike,
     settings: Settings,
     revision: str | None = None,
 ) -> Job:
     """Resolve, index and pair every input; validate settings. Reads headers only.
 
-    Raises:
-        SafeLoraError: any problem with the inputs or settings, before any heavy read.
+    Every adapter is validated before anything heavy is read: one bad adapter stops the run,
+    named in the error.
     """
-    if settings.projection != "paper":
-        raise UsageError(f"--projection {settings.projection!r} is not supported (use 'paper')")
-    adapter_input = resolve(adapter_ref, revision=None, role="ADAPTER")
-    adapter = load_adapter(adapter_input.path, settings.adapter_name)
-    check_selection(settings.select, settings.num_layers, settings.threshold, len(adapter.modules))
-    base_input = resolve(base_ref, revision, role="--base")
-    aligned_input = resolve(aligned_ref, revision, role="--aligned")
-    base, aligned = index_folder(base_input.path), index_folder(aligned_input.path)
-    pairs = pair_modules(adapter, base, aligned)
-    return Job(adapter_input, base_input, aligned_input, adapter, base, aligned, pairs)
+    if not adapters:
+        raise UsageError("no ADAPTER given")
+    spec = settings.projection_spec()
+    loaded = []
+    for ref in adapters:
+        adapter_input = resolve(str(ref), revision=None, role="ADAPTER")
+        adapter = load_adapter(adapter_input.path, settings.adapter_name)
+        check_selection(
+            settings.select, settings.num_layers, settings.threshold, len(adapter.modules)
+        )
+        loaded.append((adapter_input, adapter))
+    base_input = resolve(str(base), revision, role="--base")
+    aligned_input = resolve(str(aligned), revision, role="--aligned")
+    base_index, aligned_index = index_folder(base_input.path), index_folder(aligned_input.path)
+    jobs = [AdapterJob(i, a, pair_modules(a, base_index, aligned_index)) for i, a in loaded]
+    return Job(base_input, aligned_input, base_index, aligned_index, jobs, spec)
+
+
+def _weight_groups(job: Job) -> list[list[tuple[int, ModulePair]]]:
+    """Pairs grouped by base weight (each group needs one V), in shard/offset order."""
+    groups: dict[str, list[tuple[int, ModulePair]]] = {}
+    for k, adapter_job in enumerate(job.adapters):
+        for pair in adapter_job.pairs:
+            groups.setdefault(pair.base.name, []).append((k, pair))
+    return sorted(groups.values(), key=lambda g: (str(g[0][1].base.path), g[0][1].base.offset))
 
 
 def _alignment_stream(
     pairs: list[ModulePair], device: torch.device
 ) -> Iterator[tuple[ModulePair, torch.Tensor]]:
-    """Yield (pair, V) in order, reading the next module while the caller computes this one."""
+    """Yield (pair, V) in order, reading the next weight while the caller computes this one."""
 
     def load(pair: ModulePair) -> torch.Tensor:
         with torch.inference_mode():
             w_base, w_aligned = reader.read(pair.base), reader.read(pair.aligned)
             if device.type == "cuda":
                 w_base, w_aligned = w_base.pin_memory(), w_aligned.pin_memory()
-            return alignment_matrix(w_base, w_aligned, device, pair.transpose)
+            return alignment_matrix(w_base, w_aligned, device)
 
     with TensorReader() as reader, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
         pending: Future[torch.Tensor] | None = pool.submit(load, pairs[0]) if pairs else None
@@ -168,37 +225,31 @@ def _non_finite_weight(pair: ModulePair) -> NumericalError:
 
 def compute_scores(
     job: Job, device: torch.device, progress: ProgressFn | None = None
-) -> dict[str, ModuleScore]:
-    """Stream every module once and score it. Memory: about two modules' weights at a time."""
-    scores: dict[str, ModuleScore] = {}
+) -> list[dict[str, ModuleScore]]:
+    """Stream every targeted weight once and score every adapter module that uses it.
+
+    Returns:
+        For each adapter of the job, module name -> score.
+    Memory: about two weights' V at a time, plus the adapters' projected B's.
+    """
+    scores: list[dict[str, ModuleScore]] = [{} for _ in job.adapters]
+    groups = _weight_groups(job)
+    leaders = [group[0][1] for group in groups]
     with torch.inference_mode(), TensorReader() as adapter_reader:
-        for done, (pair, v) in enumerate(_alignment_stream(job.pairs, device), start=1):
-            a = _read_factor(adapter_reader, pair.lora.a, device)
-            b = _read_factor(adapter_reader, pair.lora.b, device)
-            score = score_module(v, a, b)
+        for done, (group, (_, v)) in enumerate(
+            zip(groups, _alignment_stream(leaders, device), strict=True), start=1
+        ):
+            for k, pair in group:
+                a = _read_factor(adapter_reader, pair.lora.a, device)
+                b = _read_factor(adapter_reader, pair.lora.b, device)
+                score = score_module(v.T if pair.transpose else v, a, b, job.spec)
+                if not math.isfinite(score.v_norm):
+                    raise _non_finite_weight(pair)
+                scores[k][pair.name] = score
             del v
-            if not math.isfinite(score.v_norm):
-                raise _non_finite_weight(pair)
-            scores[pair.name] = score
             if progress is not None:
-                progress(done, len(job.pairs), pair.name)
+                progress(done, len(groups), group[0][1].base.name)
     return scores
-
-
-def run_score(
-    adapter: str,
-    base: str,
-    aligned: str,
-    settings: Settings = Settings(),
-    revision: str | None = None,
-    progress: ProgressFn | None = None,
-) -> Result:
-    """Score an adapter without writing anything. See ``run_patch`` for the arguments."""
-    job = prepare(adapter, base, aligned, settings, revision)
-    device = resolve_device(settings.device)
-    scores = compute_scores(job, device, progress)
-    selected, used = _select(scores, settings)
-    return Result(reporting.build(job, settings, device, scores, selected, used, None), None)
 
 
 def _select(scores: dict[str, ModuleScore], settings: Settings) -> tuple[set[str], float | None]:
@@ -206,68 +257,166 @@ def _select(scores: dict[str, ModuleScore], settings: Settings) -> tuple[set[str
     return select_modules(cosines, settings.select, settings.num_layers, settings.threshold)
 
 
-def run_patch(
-    adapter: str,
-    base: str,
-    aligned: str,
-    output: Path,
+def _score_job(
+    job: Job, settings: Settings, progress: ProgressFn | None, outputs: Sequence[Path | None]
+) -> list[tuple[dict[str, Any], set[str], dict[str, ModuleScore]]]:
+    device = resolve_device(settings.device)
+    results = []
+    for adapter_job, scores, output in zip(
+        job.adapters, compute_scores(job, device, progress), outputs, strict=True
+    ):
+        selected, used = _select(scores, settings)
+        report = reporting.build(job, adapter_job, settings, device, scores, selected, used, output)
+        results.append((report, selected, scores))
+    return results
+
+
+def score_many(
+    adapters: Sequence[PathLike],
+    base: PathLike,
+    aligned: PathLike,
+    settings: Settings = Settings(),
+    revision: str | None = None,
+    progress: ProgressFn | None = None,
+) -> list[Result]:
+    """Score several adapters against one model pair (each weight read once); writes nothing."""
+    job = prepare(adapters, base, aligned, settings, revision)
+    outputs = [None] * len(job.adapters)
+    return [Result(report, None) for report, _, _ in _score_job(job, settings, progress, outputs)]
+
+
+def batch_outputs(adapters: Sequence[Path], output_dir: Path) -> list[Path]:
+    """``output_dir/<adapter folder name>`` for each adapter; name collisions are an error."""
+    outputs: dict[str, Path] = {}
+    for adapter in adapters:
+        name = adapter.name
+        if name in outputs:
+            raise UsageError(
+                f"two adapters are named {name!r} ({outputs[name]} and {adapter})",
+                "each patched adapter goes to OUTPUT/<folder name>; rename one",
+            )
+        outputs[name] = adapter
+    return [output_dir / a.name for a in adapters]
+
+
+def patch_many(
+    adapters: Sequence[PathLike],
+    base: PathLike,
+    aligned: PathLike,
+    output_dir: PathLike,
     settings: Settings = Settings(),
     *,
     force: bool = False,
-    report_path: Path | None = None,
+    revision: str | None = None,
+    progress: ProgressFn | None = None,
+) -> list[Result]:
+    """Patch several adapters in one pass over the model pair.
+
+    Each patched adapter goes to ``output_dir/<adapter folder name>`` with its own report.
+    """
+    job = prepare(adapters, base, aligned, settings, revision)
+    output_dir = Path(output_dir)
+    outputs = batch_outputs([a.input.path for a in job.adapters], output_dir)
+    check_output(output_dir, job.local_inputs(), force=True)  # the parent: may hold other files
+    created = not output_dir.exists()
+    if not created:
+        for output in outputs:
+            check_output(output, job.local_inputs(), force)
+    scored = _score_job(job, settings, progress, outputs)
+    output_dir.mkdir(exist_ok=True)
+    results = []
+    try:
+        for adapter_job, (report, selected, scores), output in zip(
+            job.adapters, scored, outputs, strict=True
+        ):
+            _write(adapter_job, report, selected, scores, output, None)
+            results.append(Result(report, output))
+    except BaseException:
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+    return results
+
+
+def patch(
+    adapter: PathLike,
+    base: PathLike,
+    aligned: PathLike,
+    output: PathLike,
+    settings: Settings = Settings(),
+    *,
+    force: bool = False,
+    report_path: PathLike | None = None,
     revision: str | None = None,
     progress: ProgressFn | None = None,
 ) -> Result:
-    """Patch an adapter: project the selected modules' lora_B and write a new adapter folder.
+    """Patch one adapter: project the selected modules' lora_B and write a new adapter folder.
 
     Args:
-        adapter: the adapter folder (or hub id).
+        adapter: the adapter folder.
         base, aligned: the base model and its aligned sibling (folder or ``org/name[@rev]``).
         output: the new folder; refused if it exists and is not empty, unless ``force``.
         settings: selection, projection and device.
         force: replace safelora's files in an existing output folder (others are kept).
         report_path: where to write the report (default ``output/safelora_report.json``).
         revision: hub revision for base and aligned.
-        progress: called after each module.
+        progress: called after each weight.
     Returns:
         The report and the output folder.
     Example:
-        >>> run_patch("my-lora", "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf",
-        ...           Path("my-lora-safe"))
+        >>> patch("my-lora", "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf",
+        ...       "my-lora-safe")
     """
-    job = prepare(adapter, base, aligned, settings, revision)
-    inputs = [i.path for i in (job.adapter_input, job.base_input, job.aligned_input)]
-    check_output(output, inputs, force)
-    if report_path is not None:
-        check_report_path(report_path, inputs)
-    device = resolve_device(settings.device)
-    scores = compute_scores(job, device, progress)
-    selected, used = _select(scores, settings)
-    report = reporting.build(job, settings, device, scores, selected, used, output)
-    with staged_output(output) as stage:
-        _write_adapter(job, scores, selected, stage)
-        if report_path is None:
-            write_json(stage / reporting.REPORT_NAME, report)
-    if report_path is not None:
-        write_json(report_path, report)
+    job = prepare([adapter], base, aligned, settings, revision)
+    output = Path(output)
+    check_output(output, job.local_inputs(), force)
+    report_file = Path(report_path) if report_path is not None else None
+    if report_file is not None:
+        check_report_path(report_file, job.local_inputs())
+    [(report, selected, scores)] = _score_job(job, settings, progress, [output])
+    _write(job.adapters[0], report, selected, scores, output, report_file)
     return Result(report, output)
 
 
-def _write_adapter(
-    job: Job, scores: dict[str, ModuleScore], selected: set[str], stage: Path
+def score(
+    adapter: PathLike,
+    base: PathLike,
+    aligned: PathLike,
+    settings: Settings = Settings(),
+    revision: str | None = None,
+    progress: ProgressFn | None = None,
+) -> Result:
+    """Score one adapter without writing anything. See ``patch`` for the arguments."""
+    [result] = score_many([adapter], base, aligned, settings, revision, progress)
+    return result
+
+
+def _write(
+    adapter_job: AdapterJob,
+    report: dict[str, Any],
+    selected: set[str],
+    scores: dict[str, ModuleScore],
+    output: Path,
+    report_file: Path | None,
 ) -> None:
+    adapter = adapter_job.adapter
     replaced = {}
-    for pair in job.pairs:
+    for pair in adapter_job.pairs:
         projected = scores[pair.name].projected_b
         if pair.name in selected and projected is not None:
             info = pair.lora.b
             replaced[info.name] = cast_checked(info.name, projected, TORCH_DTYPES[info.dtype])
-    with TensorReader() as reader:
-        tensors = {
-            name: replaced[name] if name in replaced else reader.read(info)
-            for name, info in job.adapter.weights.tensors.items()
-        }
-        write_adapter_weights(stage / WEIGHTS_NAME, tensors, job.adapter.weights.metadata)
-    for src in sorted(job.adapter.root.iterdir()):
-        if src.is_file() and src.name not in (WEIGHTS_NAME, reporting.REPORT_NAME):
-            shutil.copyfile(src, stage / src.name)
+    with staged_output(output) as stage:
+        with TensorReader() as reader:
+            tensors = {
+                name: replaced[name] if name in replaced else reader.read(info)
+                for name, info in adapter.weights.tensors.items()
+            }
+            write_adapter_weights(stage / WEIGHTS_NAME, tensors, adapter.weights.metadata)
+        for src in sorted(adapter.root.iterdir()):
+            if src.is_file() and src.name not in (WEIGHTS_NAME, reporting.REPORT_NAME):
+                shutil.copyfile(src, stage / src.name)
+        if report_file is None:
+            write_json(stage / reporting.REPORT_NAME, report)
+    if report_file is not None:
+        write_json(report_file, report)

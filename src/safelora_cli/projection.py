@@ -4,6 +4,7 @@ Shapes: V (out, in), B = lora_B (out, r), A = lora_A (r, in). The out x out proj
 out x in update B A are never built:
 
     Ĉ B = V (Vᵀ B) / ‖V‖_F                       (paper projection)
+    U_k U_kᵀ B                                    (subspace: top-k left singular vectors of V)
     G = A Aᵀ,  ⟨P B A, B A⟩ = Σ ((P B)ᵀ B) ∘ G,   ‖X A‖² = Σ (Xᵀ X) ∘ G   (G is symmetric)
 """
 
@@ -16,6 +17,20 @@ import torch
 
 ZERO_V = "base and aligned identical"
 ZERO_DELTA = "LoRA delta is zero"
+PAPER = "paper"
+SUBSPACE = "subspace"
+EXACT_SVD_MAX_DIM = 256  # below this min(out, in), a full SVD is cheaper than a randomized one
+OVERSAMPLE = 10
+POWER_ITERATIONS = 3
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """Which projector P to use: the paper's Ĉ, or U_k U_kᵀ with k from ``rank`` or ``energy``."""
+
+    kind: str = PAPER
+    rank: int | None = None
+    energy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -33,10 +48,12 @@ class ModuleScore:
     projected_b_norm: float
     distance: float
     skipped: str | None = None
+    subspace_rank: int | None = None
+    captured_energy: float | None = None
 
 
 def alignment_matrix(
-    w_base: torch.Tensor, w_aligned: torch.Tensor, device: torch.device, transpose: bool = False
+    w_base: torch.Tensor, w_aligned: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
     """V = W_aligned − W_base in float32 on ``device``, whatever the stored dtype.
 
@@ -44,14 +61,54 @@ def alignment_matrix(
     one fresh buffer: the inputs may be read-only memory maps and are never written.
 
     Args:
-        w_base, w_aligned: (out, in), or (in, out) when ``transpose`` (fan_in_fan_out).
+        w_base, w_aligned: the stored weights, same shape.
     Returns:
-        V, (out, in), float32.
+        V, float32, in the stored layout (the caller transposes fan_in_fan_out weights).
     """
     v = torch.empty(w_aligned.shape, dtype=torch.float32, device=device)
     v.copy_(w_aligned.to(device, non_blocking=True))
     v.sub_(w_base.to(device, non_blocking=True))
-    return v.T if transpose else v
+    return v
+
+
+def _top_singular(v: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-q left singular vectors and values of V: exact when cheap, else randomized."""
+    if min(v.shape) <= EXACT_SVD_MAX_DIM or q >= min(v.shape) // 2:
+        u, s, _ = torch.linalg.svd(v, full_matrices=False)
+        return u[:, :q], s[:q]
+    with torch.random.fork_rng(devices=[]):  # reproducible sketch, global RNG untouched
+        torch.manual_seed(0)
+        u, s, _ = torch.svd_lowrank(v, q=min(q + OVERSAMPLE, min(v.shape)), niter=POWER_ITERATIONS)
+    return u[:, :q], s[:q]
+
+
+def subspace_basis(
+    v: torch.Tensor, v_norm: float, rank: int | None = None, energy: float | None = None
+) -> tuple[torch.Tensor, float]:
+    """U_k, the top-k left singular vectors of V, and the share of ‖V‖²_F they capture.
+
+    Args:
+        v: (out, in) float32; v_norm: ‖V‖_F > 0.
+        rank: k (clamped to min(out, in)); or
+        energy: the smallest k whose σ² cover this share of ‖V‖²_F (0 < E <= 1).
+    Returns:
+        (U_k (out, k), captured energy in [0, 1]).
+    """
+    full = min(v.shape)
+    total = v_norm * v_norm
+    if rank is not None:
+        u, s = _top_singular(v, min(rank, full))
+        return u, min(1.0, float((s.double() ** 2).sum()) / total)
+    assert energy is not None
+    q = min(32, full)
+    while True:
+        u, s = _top_singular(v, q)
+        cumulative = torch.cumsum(s.double() ** 2, 0) / total
+        reached = torch.nonzero(cumulative >= energy - 1e-12)
+        if len(reached) or q == full:
+            k = int(reached[0]) + 1 if len(reached) else q
+            return u[:, :k], min(1.0, float(cumulative[k - 1]))
+        q = min(2 * q, full)
 
 
 def paper_project(v: torch.Tensor, b: torch.Tensor, v_norm: float) -> torch.Tensor:
@@ -85,12 +142,15 @@ def factored_cosine(pb: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple
     return max(-1.0, min(1.0, inner / math.sqrt(ba_sq * pba_sq))), math.sqrt(ba_sq)
 
 
-def score_module(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> ModuleScore:
-    """Score one module with the paper projection.
+def score_module(
+    v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: ProjectionSpec = ProjectionSpec()
+) -> ModuleScore:
+    """Score one module: project B, and the cosine between P B A and B A.
 
     Args:
         v: V, (out, in) float32; a: lora_A, (r, in); b: lora_B, (out, r), any float dtype, on
             the same device as ``v``.
+        spec: the projector (paper by default).
     Returns:
         The score; ``skipped`` says why when V = 0 or B A = 0 (the cosine is then undefined).
         A non-finite ``v_norm`` means V (so a weight) holds NaN or Inf: the caller must check.
@@ -101,7 +161,12 @@ def score_module(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> ModuleSco
     if not math.isfinite(v_norm) or v_norm == 0.0:
         reason = ZERO_V if v_norm == 0.0 else None
         return ModuleScore(None, None, v_norm, b_norm, b_norm, 0.0, reason)
-    pb = paper_project(v, b32, v_norm)
+    k, captured = None, None
+    if spec.kind == SUBSPACE:
+        u, captured = subspace_basis(v, v_norm, spec.rank, spec.energy)
+        k, pb = u.shape[1], u @ (u.T @ b32)
+    else:
+        pb = paper_project(v, b32, v_norm)
     cosine, ba_norm = factored_cosine(pb, b32, a32)
     if ba_norm == 0.0:
         return ModuleScore(None, None, v_norm, b_norm, b_norm, 0.0, ZERO_DELTA)
@@ -112,4 +177,6 @@ def score_module(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> ModuleSco
         b_norm=b_norm,
         projected_b_norm=float(torch.linalg.vector_norm(pb)),
         distance=float(torch.linalg.vector_norm(b32 - pb)),
+        subspace_rank=k,
+        captured_energy=captured,
     )

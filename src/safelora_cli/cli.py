@@ -48,6 +48,7 @@ AdaptersArg = Annotated[
     typer.Argument(
         help="PEFT LoRA adapter folder(s); '-' reads one path per line from stdin.",
         show_default=False,
+        metavar="ADAPTER",
     ),
 ]
 BaseOpt = Annotated[
@@ -87,23 +88,21 @@ AdapterNameOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report to stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or table on stderr.")]
 
-PATCH_EXAMPLES = """
+PATCH_EXAMPLES = """\b
 Examples:
-
-  safelora patch ./my-lora --base meta-llama/Llama-2-7b-hf
-  --aligned meta-llama/Llama-2-7b-chat-hf --output ./my-lora-safe
-
-  safelora patch ./my-lora --base ./base --aligned ./chat --output ./out
-  --select threshold --threshold 0.35 --json > report.json
+  safelora patch ./my-lora --base meta-llama/Llama-2-7b-hf \\
+      --aligned meta-llama/Llama-2-7b-chat-hf --output ./my-lora-safe
+  safelora patch ./my-lora --base ./base --aligned ./chat --output ./out \\
+      --select threshold --threshold 0.35 --json > report.json
+  find runs -name adapter_config.json -printf '%h\\n' | \\
+      safelora patch - --base ./base --aligned ./chat --output ./safe
 """
 
-SCORE_EXAMPLES = """
+SCORE_EXAMPLES = """\b
 Examples:
-
   safelora score ./my-lora --base ./base --aligned ./chat
-
-  safelora score ./my-lora --base ./base --aligned ./chat --select threshold
-  --threshold 0.5 --fail-if-projected 0    # CI gate: exit 1 if any module drifts
+  safelora score ./my-lora --base ./base --aligned ./chat \\
+      --select threshold --threshold 0.5 --fail-if-projected 0   # CI gate
 """
 
 

@@ -1,4 +1,5 @@
-"""The ``safelora`` command line: typer only. Every command calls the library (pipeline.py).
+"""The ``safelora`` command line: typer only. Every command calls the library (pipeline.py,
+config.py, inspection.py).
 
 stdout carries only the result (the output path, or the report with --json); progress, tables,
 warnings and errors go to stderr. torch is imported only by commands that compute.
@@ -20,10 +21,12 @@ import typer
 from rich.console import Console
 
 from safelora_cli import __version__
-from safelora_cli.errors import SafeLoraError, UsageError
+from safelora_cli.errors import IncompatibleInputError, SafeLoraError, UsageError
+from safelora_cli.select import DEFAULT_NUM_LAYERS, DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:
-    from safelora_cli.pipeline import ProgressFn, Result, Settings
+    from safelora_cli.config import RunConfig
+    from safelora_cli.pipeline import ProgressFn, Result
 
 INTERNAL_ERROR = 70
 SHORT_REASONS = {
@@ -51,26 +54,55 @@ AdaptersArg = Annotated[
         metavar="ADAPTER",
     ),
 ]
+# Options a preset or --config file may also set default to None here ("not given"): config.py
+# merges preset < config file < flags and applies pipeline.Settings' defaults last.
 BaseOpt = Annotated[
-    str, typer.Option("--base", help="Base model: folder or hub id org/name[@rev].")
+    str | None,
+    typer.Option("--base", help="Base model: folder or hub id org/name[@rev]. Or use --preset."),
 ]
 AlignedOpt = Annotated[
-    str, typer.Option("--aligned", help="Aligned sibling of the base: folder or hub id.")
+    str | None, typer.Option("--aligned", help="Aligned sibling of the base: folder or hub id.")
+]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        help="Known base/aligned pair and its recommended selection (see `safelora presets`).",
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="TOML run file with any of these options; overrides --preset, flags override it.",
+    ),
 ]
 SelectOpt = Annotated[
-    str, typer.Option("--select", help="number: the K lowest cosines; threshold: cosine <= T.")
+    str | None,
+    typer.Option(
+        "--select", help="number: the K lowest cosines; threshold: cosine <= T. [default: number]"
+    ),
 ]
 NumLayersOpt = Annotated[
-    int, typer.Option("--num-layers", "-k", help="K for --select number (ties included).")
+    int | None,
+    typer.Option(
+        "--num-layers",
+        "-k",
+        help=f"K for --select number (ties included). [default: {DEFAULT_NUM_LAYERS}]",
+    ),
 ]
 ThresholdOpt = Annotated[
-    float, typer.Option("--threshold", help="T for --select threshold, in [-1, 1].")
+    float | None,
+    typer.Option(
+        "--threshold", help=f"T for --select threshold, in [-1, 1]. [default: {DEFAULT_THRESHOLD}]"
+    ),
 ]
 ProjectionOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--projection",
-        help="paper: Ĉ = V Vᵀ/‖V‖_F (official); subspace: U_k U_kᵀ, top-k singular vectors of V.",
+        help="paper: Ĉ = V Vᵀ/‖V‖_F (official); subspace: U_k U_kᵀ, top-k singular vectors of V. "
+        "[default: paper]",
     ),
 ]
 RankOpt = Annotated[int | None, typer.Option("--rank", help="k for --projection subspace.")]
@@ -78,7 +110,9 @@ EnergyOpt = Annotated[
     float | None,
     typer.Option("--energy", help="Smallest k whose σ² cover this share of ‖V‖² (subspace)."),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N. [default: auto]")
+]
 RevisionOpt = Annotated[
     str | None, typer.Option("--revision", help="Hub revision for --base and --aligned.")
 ]
@@ -96,6 +130,8 @@ Examples:
       --select threshold --threshold 0.35 --json > report.json
   find runs -name adapter_config.json -printf '%h\\n' | \\
       safelora patch - --base ./base --aligned ./chat --output ./safe
+  safelora patch ./my-lora --preset llama-2-7b-chat --output ./my-lora-safe
+  safelora patch ./my-lora --config run.toml --num-layers 8 --output ./out
 """
 
 SCORE_EXAMPLES = """\b
@@ -103,6 +139,21 @@ Examples:
   safelora score ./my-lora --base ./base --aligned ./chat
   safelora score ./my-lora --base ./base --aligned ./chat \\
       --select threshold --threshold 0.5 --fail-if-projected 0   # CI gate
+  safelora score ./run/checkpoint-* --preset llama-2-7b-chat --json > reports.json
+"""
+
+PRESETS_EXAMPLES = """\b
+Examples:
+  safelora presets
+  safelora presets --json | jq -r '.[].name'
+  SAFELORA_PRESET_PATH=./my-presets safelora presets   # add your own <name>.toml files
+"""
+
+INSPECT_EXAMPLES = """\b
+Examples:
+  safelora inspect ./my-lora
+  safelora inspect ./my-lora --base meta-llama/Llama-2-7b-hf   # does every module pair?
+  safelora inspect ./my-lora --json | jq '.summary'
 """
 
 
@@ -144,10 +195,11 @@ def _fail(message: str, code: int, debug: bool, hint: str | None = None) -> NoRe
     raise typer.Exit(code)
 
 
-def _settings(**values: Any) -> Settings:
-    from safelora_cli.pipeline import Settings
+def _run_config(config_file: Path | None, **flags: Any) -> RunConfig:
+    """Merge preset < --config file < flags (None: not given); defaults fill the rest."""
+    from safelora_cli.config import resolve_run
 
-    return Settings(**values)
+    return resolve_run(flags, config_file)
 
 
 @contextmanager
@@ -238,21 +290,23 @@ def _adapter_list(adapters: list[str]) -> tuple[list[str], bool]:
 @app.command(epilog=PATCH_EXAMPLES)
 def patch(
     adapters: AdaptersArg,
-    base: BaseOpt,
-    aligned: AlignedOpt,
     output: Annotated[
         Path,
         typer.Option(
             "--output", "-o", help="New folder (with several adapters: OUTPUT/<adapter name>)."
         ),
     ],
-    select: SelectOpt = "number",
-    num_layers: NumLayersOpt = 10,
-    threshold: ThresholdOpt = 0.5,
-    projection: ProjectionOpt = "paper",
+    base: BaseOpt = None,
+    aligned: AlignedOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    select: SelectOpt = None,
+    num_layers: NumLayersOpt = None,
+    threshold: ThresholdOpt = None,
+    projection: ProjectionOpt = None,
     rank: RankOpt = None,
     energy: EnergyOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     report: Annotated[
         Path | None,
         typer.Option("--report", help="Write the report here instead of OUTPUT/ (one adapter)."),
@@ -270,35 +324,30 @@ def patch(
         paths, batch = _adapter_list(adapters)
         if batch and report is not None:
             raise UsageError("--report takes one adapter", "each batch output has its own report")
+        run = _run_config(
+            config, preset=preset, base=base, aligned=aligned, revision=revision,
+            select=select, num_layers=num_layers, threshold=threshold, projection=projection,
+            rank=rank, energy=energy, device=device, adapter_name=adapter_name,
+        )  # fmt: skip
         from safelora_cli import pipeline
 
-        settings = _settings(
-            select=select,
-            num_layers=num_layers,
-            threshold=threshold,
-            projection=projection,
-            rank=rank,
-            energy=energy,
-            device=device,
-            adapter_name=adapter_name,
-        )
         with _progress(quiet) as progress:
             if batch:
                 results = pipeline.patch_many(
-                    paths, base, aligned, output, settings,
-                    force=force, revision=revision, progress=progress,
+                    paths, run.base, run.aligned, output, run.settings,
+                    force=force, revision=run.revision, progress=progress,
                 )  # fmt: skip
             else:
                 results = [
                     pipeline.patch(
                         paths[0],
-                        base,
-                        aligned,
+                        run.base,
+                        run.aligned,
                         output,
-                        settings,
+                        run.settings,
                         force=force,
                         report_path=report,
-                        revision=revision,
+                        revision=run.revision,
                         progress=progress,
                     )  # fmt: skip
                 ]
@@ -308,15 +357,17 @@ def patch(
 @app.command(epilog=SCORE_EXAMPLES)
 def score(
     adapters: AdaptersArg,
-    base: BaseOpt,
-    aligned: AlignedOpt,
-    select: SelectOpt = "number",
-    num_layers: NumLayersOpt = 10,
-    threshold: ThresholdOpt = 0.5,
-    projection: ProjectionOpt = "paper",
+    base: BaseOpt = None,
+    aligned: AlignedOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    select: SelectOpt = None,
+    num_layers: NumLayersOpt = None,
+    threshold: ThresholdOpt = None,
+    projection: ProjectionOpt = None,
     rank: RankOpt = None,
     energy: EnergyOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
     fail_if_projected: Annotated[
         int | None,
@@ -332,20 +383,17 @@ def score(
     """Score ADAPTER's modules and show which would be projected; writes nothing."""
     with _errors_to_exit():
         paths, batch = _adapter_list(adapters)
+        run = _run_config(
+            config, preset=preset, base=base, aligned=aligned, revision=revision,
+            select=select, num_layers=num_layers, threshold=threshold, projection=projection,
+            rank=rank, energy=energy, device=device, adapter_name=adapter_name,
+        )  # fmt: skip
         from safelora_cli import pipeline
 
-        settings = _settings(
-            select=select,
-            num_layers=num_layers,
-            threshold=threshold,
-            projection=projection,
-            rank=rank,
-            energy=energy,
-            device=device,
-            adapter_name=adapter_name,
-        )
         with _progress(quiet) as progress:
-            results = pipeline.score_many(paths, base, aligned, settings, revision, progress)
+            results = pipeline.score_many(
+                paths, run.base, run.aligned, run.settings, run.revision, progress
+            )
         _emit(results, as_json, quiet, batch)
     if fail_if_projected is None:
         return
@@ -359,6 +407,69 @@ def score(
         )
     if over:
         raise typer.Exit(1)
+
+
+@app.command("presets", epilog=PRESETS_EXAMPLES)
+def presets_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the presets to stdout.")] = False,
+) -> None:
+    """List the presets: known base/aligned pairs, their hub ids and recommended selection."""
+    with _errors_to_exit():
+        from safelora_cli.config import load_presets
+
+        described = [preset.describe() for preset in load_presets().values()]
+        if as_json:
+            sys.stdout.write(json.dumps(described, indent=2) + "\n")
+        else:
+            from safelora_cli.display import presets_table
+
+            presets_table(stderr, described)
+
+
+@app.command("inspect", epilog=INSPECT_EXAMPLES)
+def inspect_command(
+    adapter: Annotated[
+        str,
+        typer.Argument(help="PEFT LoRA adapter folder.", show_default=False, metavar="ADAPTER"),
+    ],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Also check that every module pairs with this model."),
+    ] = None,
+    aligned: Annotated[
+        str | None,
+        typer.Option("--aligned", help="Also pair against this aligned model (needs --base)."),
+    ] = None,
+    revision: RevisionOpt = None,
+    adapter_name: AdapterNameOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the description to stdout.")
+    ] = False,
+) -> None:
+    """Show ADAPTER's modules, ranks, scaling, dtypes and passthrough tensors (headers only).
+
+    With --base, exits 4 after the listing when a module has no matching base weight.
+    """
+    with _errors_to_exit():
+        if aligned is not None and base is None:
+            raise UsageError("--aligned needs --base", "give both models, or only --base")
+        from safelora_cli.inspection import inspect_adapter
+
+        info = inspect_adapter(adapter, base, aligned, revision=revision, adapter_name=adapter_name)
+        if as_json:
+            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        else:
+            from safelora_cli.display import inspect_tables
+
+            inspect_tables(stderr, info)
+        unpaired = [m for m in info["modules"] if m.get("paired") is False]
+        if unpaired:
+            first = unpaired[0]
+            raise IncompatibleInputError(
+                f"{adapter}: {len(unpaired)} of {len(info['modules'])} modules do not pair with "
+                f"the model(s) given; first: {first['module']}: {first['problem']}",
+                "check that --base is the model the adapter was trained on",
+            )
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,273 @@
+"""Config: where a run's options come from, merged in one place.
+
+Precedence, lowest first: a preset (``--preset NAME``, or ``preset = "NAME"`` in the file), a TOML
+run file (``--config FILE``), the flags given on the command line; what is still unset after that
+takes the defaults of ``pipeline.Settings`` (which uses select.py's constants). Nothing here
+imports torch: ``safelora presets`` stays fast.
+
+Presets are TOML files, one per known base/aligned pair. The built-in ones are package data
+(``safelora_cli/presets/``, linked from ``configs/presets`` in the source tree), so an installed
+wheel finds them; ``SAFELORA_PRESET_PATH`` (folders, separated by ``os.pathsep``) adds your own,
+and a file there replaces a built-in preset of the same name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safelora_cli.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
+
+    from safelora_cli.pipeline import Settings
+
+PRESET_PATH_ENV = "SAFELORA_PRESET_PATH"
+PAPER = "paper"  # projection.PAPER, repeated so that this module does not import torch
+
+_STR, _INT, _FLOAT = (str,), (int,), (float, int)
+KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "preset": _STR, "base": _STR, "aligned": _STR, "revision": _STR,
+    "select": _STR, "num_layers": _INT, "threshold": _FLOAT,
+    "projection": _STR, "rank": _INT, "energy": _FLOAT,
+    "device": _STR, "adapter_name": _STR, "description": _STR,
+}  # fmt: skip
+SETTING_KEYS = (
+    "select", "num_layers", "threshold", "projection", "rank", "energy", "device", "adapter_name"
+)  # fmt: skip
+"""The keys that become ``pipeline.Settings`` fields."""
+RUN_KEYS = frozenset(KEY_TYPES) - {"description"}
+"""Keys a ``--config`` file may hold: every option that says what to compute and on which models."""
+PRESET_KEYS = frozenset(
+    {"description", "base", "aligned", "select", "num_layers", "threshold", "projection"}
+    | {"rank", "energy"}
+)
+"""Keys a preset may hold: the model pair and its recommended selection/projection."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A known base/aligned pair and its recommended options, read from ``<name>.toml``."""
+
+    name: str
+    base: str
+    aligned: str
+    description: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def layer(self) -> dict[str, Any]:
+        """The preset as the lowest layer of a merge."""
+        return {"base": self.base, "aligned": self.aligned, **self.options}
+
+    def describe(self) -> dict[str, Any]:
+        """The ``safelora presets --json`` entry."""
+        return {
+            "name": self.name,
+            "base": self.base,
+            "aligned": self.aligned,
+            "description": self.description,
+            "settings": dict(self.options),
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's merged options: the model pair, the settings, and the preset they came from."""
+
+    base: str
+    aligned: str
+    settings: Settings
+    revision: str | None = None
+    preset: str | None = None
+
+
+def check_table(table: Mapping[str, Any], allowed: Iterable[str], where: str) -> dict[str, Any]:
+    """Validate one layer of options: known keys (``-`` read as ``_``), each of the right type.
+
+    Args:
+        table: the decoded TOML table.
+        allowed: the keys this kind of file may hold.
+        where: how to name the file in errors ("--config run.toml").
+    Returns:
+        The options with snake_case keys; integers given for float options become floats.
+    Raises:
+        UsageError: an unknown key, a key given twice, or a value of the wrong type.
+    """
+    allowed = sorted(allowed)
+    checked: dict[str, Any] = {}
+    for raw_key, raw_value in table.items():
+        key = raw_key.replace("-", "_")
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UsageError(
+                f"{where}: unknown key {raw_key!r}", f"{hint}known keys: {', '.join(allowed)}"
+            )
+        if key in checked:
+            raise UsageError(f"{where}: {key!r} is given twice (as - and _)")
+        types = KEY_TYPES[key]
+        if not _has_type(raw_value, types):
+            kind = {_STR: "a string", _INT: "an integer", _FLOAT: "a number"}[types]
+            raise UsageError(f"{where}: {raw_key!r} must be {kind}, not {raw_value!r}")
+        checked[key] = float(raw_value) if types is _FLOAT else raw_value
+    return checked
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def _parse_toml(text: bytes, where: str) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = tomllib.loads(text.decode("utf-8"))
+        return data
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"{where}: not valid TOML ({exc})", "fix the file's syntax") from exc
+
+
+def read_config(path: Path | str) -> dict[str, Any]:
+    """Read a ``--config`` TOML run file: any of ``RUN_KEYS``, at the top level.
+
+    Example:
+        >>> read_config("run.toml")  # preset = "llama-2-7b-chat" / select = "threshold"
+        {'preset': 'llama-2-7b-chat', 'select': 'threshold'}
+    """
+    path = Path(path)
+    where = f"--config {path}"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise UsageError(f"{where}: no such file", "give the path of a TOML run file") from exc
+    except IsADirectoryError as exc:
+        raise UsageError(f"{where}: is a folder", "give the path of a TOML run file") from exc
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read ({exc.strerror})") from exc
+    return check_table(_parse_toml(raw, where), RUN_KEYS, where)
+
+
+def parse_preset(name: str, text: bytes, source: str) -> Preset:
+    """Build a preset from the text of ``<name>.toml``; ``base`` and ``aligned`` are required."""
+    where = f"preset {name!r} ({source})"
+    options = check_table(_parse_toml(text, where), PRESET_KEYS, where)
+    missing = [key for key in ("base", "aligned") if key not in options]
+    if missing:
+        raise UsageError(f"{where}: no {' and no '.join(missing)}", "a preset names both models")
+    base, aligned = options.pop("base"), options.pop("aligned")
+    description = options.pop("description", "")
+    return Preset(name, base, aligned, description, options, source)
+
+
+def _builtin_dir() -> Traversable:
+    return resources.files("safelora_cli").joinpath("presets")
+
+
+def preset_dirs() -> list[Path]:
+    """The folders named in ``SAFELORA_PRESET_PATH``, in order; each must exist."""
+    dirs = [Path(p) for p in os.environ.get(PRESET_PATH_ENV, "").split(os.pathsep) if p]
+    for folder in dirs:
+        if not folder.is_dir():
+            raise UsageError(
+                f"{PRESET_PATH_ENV}: {folder} is not a folder", "list folders of <name>.toml files"
+            )
+    return dirs
+
+
+def load_presets(dirs: Iterable[Path] | None = None) -> dict[str, Preset]:
+    """Every preset by name: the built-in ones, then those in ``dirs`` (a later one wins).
+
+    Args:
+        dirs: extra folders of ``<name>.toml`` files; default ``preset_dirs()``.
+    Returns:
+        Presets sorted by name.
+    """
+    found: dict[str, Preset] = {}
+    builtin = _builtin_dir()
+    if builtin.is_dir():
+        for entry in builtin.iterdir():
+            if entry.name.endswith(".toml") and entry.is_file():
+                name = entry.name.removesuffix(".toml")
+                found[name] = parse_preset(name, entry.read_bytes(), f"built-in {entry.name}")
+    for folder in preset_dirs() if dirs is None else dirs:
+        for path in sorted(Path(folder).glob("*.toml")):
+            found[path.stem] = parse_preset(path.stem, path.read_bytes(), str(path))
+    return dict(sorted(found.items()))
+
+
+def find_preset(name: str, presets: Mapping[str, Preset], where: str = "--preset") -> Preset:
+    """The preset called ``name``; an unknown name is a UsageError with the closest names."""
+    if name in presets:
+        return presets[name]
+    close = difflib.get_close_matches(name, list(presets), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UsageError(f"{where} {name!r}: no such preset", f"{hint}`safelora presets` lists them")
+
+
+def merge_layers(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge option layers, lowest first; a later layer wins, ``None`` means "not given".
+
+    ``rank`` and ``energy`` exclude each other, so a layer that sets one drops the other from
+    the layers below it; a layer that sets ``projection = "paper"`` drops both.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        values = {key: value for key, value in layer.items() if value is not None}
+        if "rank" in values or "energy" in values or values.get("projection") == PAPER:
+            merged.pop("rank", None)
+            merged.pop("energy", None)
+        merged.update(values)
+    return merged
+
+
+def resolve_run(
+    flags: Mapping[str, Any],
+    config_file: Path | str | None = None,
+    presets: Mapping[str, Preset] | None = None,
+) -> RunConfig:
+    """Merge preset < config file < flags, then apply ``Settings``' defaults to what is unset.
+
+    Args:
+        flags: option name (``RUN_KEYS``) -> value given on the command line, None if not given.
+        config_file: a ``--config`` TOML run file.
+        presets: the presets to look names up in; default ``load_presets()``.
+    Returns:
+        The model pair, validated-later ``Settings``, revision and the preset's name.
+    Raises:
+        UsageError: unknown key or preset, or no base/aligned after merging.
+    Example:
+        >>> resolve_run({"preset": "llama-2-7b-chat", "num_layers": 8}).settings.num_layers
+        8
+    """
+    given = check_table({k: v for k, v in flags.items() if v is not None}, RUN_KEYS, "options")
+    file_layer = read_config(config_file) if config_file is not None else {}
+    name = given.get("preset", file_layer.get("preset"))
+    preset_layer: dict[str, Any] = {}
+    if name is not None:
+        where = "--preset" if "preset" in given else f"--config {config_file}: preset"
+        preset = find_preset(name, load_presets() if presets is None else presets, where)
+        preset_layer = preset.layer()
+    merged = merge_layers(preset_layer, file_layer, given)
+    missing = [f"--{key}" for key in ("base", "aligned") if key not in merged]
+    if missing:
+        raise UsageError(
+            f"no {' and no '.join(missing)} given",
+            "pass the models, a --preset NAME (`safelora presets` lists them), "
+            "or base/aligned in a --config file",
+        )
+    from safelora_cli.pipeline import Settings
+
+    settings = Settings(**{key: merged[key] for key in SETTING_KEYS if key in merged})
+    return RunConfig(merged["base"], merged["aligned"], settings, merged.get("revision"), name)

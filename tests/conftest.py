@@ -1,0 +1,94 @@
+"""Seeded fixture factory: small synthetic base/aligned/adapter trios, built per test, nothing
+downloaded. Every builder is in ``safelora_cli.synthetic`` (shared with ``make demo`` and bench).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner, Result
+
+from safelora_cli.cli import app
+from safelora_cli.synthetic import (
+    ALL_PROJ,
+    LlamaShape,
+    PairSpec,
+    all_modules,
+    make_adapter,
+    make_pair,
+)
+
+
+@dataclass(frozen=True)
+class Trio:
+    """A base/aligned pair and an adapter trained (synthetically) on it."""
+
+    root: Path
+    base: Path
+    aligned: Path
+    adapter: Path
+    shape: LlamaShape
+    modules: list[str]
+
+    def patch_args(self, output: Path, *extra: str) -> list[str]:
+        return ["patch", str(self.adapter), "--base", str(self.base),
+                "--aligned", str(self.aligned), "--output", str(output), *extra]  # fmt: skip
+
+
+TrioFactory = Callable[..., Trio]
+
+
+@pytest.fixture
+def make_trio(tmp_path: Path) -> TrioFactory:
+    """Build a trio under tmp_path. Keyword arguments go to PairSpec / make_adapter.
+
+    Example: ``make_trio(dtype=torch.bfloat16, shards=2, projs=("q_proj", "v_proj"), rank=4)``
+    """
+    counter = iter(range(1000))
+
+    def build(
+        shape: LlamaShape | None = None,
+        dtype: torch.dtype = torch.float32,
+        adapter_dtype: torch.dtype | None = None,
+        shards: int = 1,
+        seed: int = 0,
+        projs: Iterable[str] = ALL_PROJ,
+        rank: int = 4,
+        identical: tuple[str, ...] = (),
+        key_prefix: str = "base_model.model.",
+        adapter_name: str = "",
+    ) -> Trio:
+        shape = shape or LlamaShape()
+        root = tmp_path / f"trio{next(counter)}"
+        spec = PairSpec(shape=shape, dtype=dtype, shards=shards, seed=seed, identical=identical)
+        base, aligned = make_pair(root, spec)
+        modules = all_modules(shape, projs)
+        adapter = make_adapter(
+            root / "adapter", base, aligned, modules, rank=rank,
+            dtype=adapter_dtype or dtype, seed=seed + 1,
+            key_prefix=key_prefix, adapter_name=adapter_name,
+        )  # fmt: skip
+        return Trio(root, base, aligned, adapter, shape, modules)
+
+    return build
+
+
+@pytest.fixture
+def trio(make_trio: TrioFactory) -> Trio:
+    """The default trio: fp32, single file, 2 layers, all seven projections, rank 4."""
+    return make_trio()
+
+
+@pytest.fixture
+def cli() -> Callable[..., Result]:
+    """Run the CLI in-process; ``result.stdout`` and ``result.stderr`` are separate."""
+    runner = CliRunner()
+
+    def invoke(args: list[str], **kwargs: object) -> Result:
+        return runner.invoke(app, args, **kwargs)  # type: ignore[arg-type]
+
+    return invoke

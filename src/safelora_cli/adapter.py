@@ -6,6 +6,7 @@ name (``.default.``). Nothing but the header is read here.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,12 @@ from safelora_cli.index import (
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# DoRA's layer is m ⊙ (W + s B A) / ‖W + s B A‖_row: besides s B A, its update rescales every row
+# of W, which projecting B cannot keep inside the alignment subspace (tests/test_peft_variants.py).
+DORA_HINT = (
+    "DoRA's lora_magnitude_vector also rescales every row of the base weight, which projecting "
+    "lora_B cannot keep inside the alignment subspace; Safe LoRA applies to plain LoRA adapters"
+)
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
 
 
@@ -108,11 +115,55 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise IncompatibleInputError(f"{path}: {key!r} must be an object")
+        _check_patterns(path, key, config.get(key) or {})
+    alpha = config.get("lora_alpha", 8)
+    if not _is_number(alpha):
+        raise IncompatibleInputError(f"{path}: lora_alpha is {alpha!r}, not a number", _ALPHA_HINT)
+    targets = config.get("target_modules")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise IncompatibleInputError(
+            f"{path}: 'target_modules' must be a string or a list of strings, not {targets!r}"
+        )
     if config.get("use_dora"):
         raise IncompatibleInputError(
             f"{path}: DoRA adapters (use_dora: true) are not supported yet",
-            "projecting lora_B without re-deriving the magnitude vector would be silently wrong",
+            DORA_HINT,
         )
+
+
+_ALPHA_HINT = "'lora_alpha' and the values of 'alpha_pattern' must be numbers"
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (JSON also allows NaN and Infinity; PEFT could not use them)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_patterns(path: Path, key: str, patterns: dict[str, Any]) -> None:
+    """``rank_pattern`` maps module regexes to positive ranks, ``alpha_pattern`` to numbers."""
+    for pattern, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except re.error as exc:
+            raise IncompatibleInputError(
+                f"{path}: {key!r} key {pattern!r} is not a valid regular expression ({exc})"
+            ) from exc
+        if key == "alpha_pattern" and not _is_number(value):
+            raise IncompatibleInputError(
+                f"{path}: lora_alpha for {pattern!r} in 'alpha_pattern' is {value!r}, not a number",
+                _ALPHA_HINT,
+            )
+        if key == "rank_pattern" and not (
+            isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ):
+            raise IncompatibleInputError(
+                f"{path}: 'rank_pattern' value for {pattern!r} must be a positive integer, "
+                f"not {value!r}"
+            )
 
 
 def _collect_modules(
@@ -122,6 +173,11 @@ def _collect_modules(
     names: set[str] = set()
     passthrough: list[str] = []
     for key, info in header.tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise IncompatibleInputError(
+                f"{header.path}: holds DoRA weights ({key}); DoRA adapters are not supported yet",
+                DORA_HINT,
+            )
         match = _LORA_KEY.match(key.removeprefix(PREFIX))
         if match is None:
             passthrough.append(key)
@@ -132,10 +188,16 @@ def _collect_modules(
             passthrough.append(key)
             continue
         pairs.setdefault(match["module"], {})[match["kind"]] = info
+    named = ", ".join(sorted(names - {""}))
     if adapter_name is None and len(names) > 1:
+        listed = ", ".join(sorted(n or "(unnamed)" for n in names))
         raise IncompatibleInputError(
-            f"{header.path}: holds several adapters ({', '.join(sorted(names))})",
-            "choose one with --adapter-name",
+            f"{header.path}: holds several adapters ({listed})", "choose one with --adapter-name"
+        )
+    if adapter_name is not None and named and adapter_name not in names:
+        raise IncompatibleInputError(
+            f"--adapter-name {adapter_name}: no such adapter in {header.path} (it holds {named})",
+            "pick one of the names it holds",
         )
     modules = []
     for module, factors in sorted(pairs.items()):

@@ -157,7 +157,12 @@ Examples:
 """
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
+_received: list[int] = []
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> NoReturn:
+    # recorded: torch and safetensors can swallow the KeyboardInterrupt and raise another error
+    _received.append(signum)
     raise KeyboardInterrupt
 
 
@@ -165,9 +170,15 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> NoReturn:
 def _errors_to_exit() -> Iterator[None]:
     """Map every failure to one stderr line and its exit code (traceback with SAFELORA_DEBUG=1)."""
     debug = os.environ.get("SAFELORA_DEBUG") == "1"
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _received.clear()
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        try:
+            yield
+        except Exception as exc:
+            if _received:
+                raise KeyboardInterrupt from exc
+            raise
     except SafeLoraError as exc:
         _fail(exc.one_line(), exc.exit_code, debug)
     except KeyboardInterrupt:
@@ -182,7 +193,10 @@ def _errors_to_exit() -> Iterator[None]:
             "rerun with SAFELORA_DEBUG=1 and report the traceback",
         )
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if _received:  # swallowed inside torch, and the run went on to finish
+        _fail("interrupted as the run finished; its output is complete", 130, False)
 
 
 def _fail(message: str, code: int, debug: bool, hint: str | None = None) -> NoReturn:
@@ -204,7 +218,7 @@ def _run_config(config_file: Path | None, **flags: Any) -> RunConfig:
 
 @contextmanager
 def _progress(quiet: bool) -> Iterator[ProgressFn | None]:
-    if quiet:
+    if quiet or not stderr.is_terminal:  # off a terminal, rich would only add a blank line
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

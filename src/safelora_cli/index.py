@@ -131,9 +131,13 @@ def read_header(path: Path) -> SafetensorsHeader:
                 )
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                problem = (
+                    f"is over the {MAX_HEADER_BYTES}-byte limit"
+                    if header_len > MAX_HEADER_BYTES
+                    else f"is past the end of the {size}-byte file"
+                )
                 raise CorruptFileError(
-                    f"{path}: header length {header_len} is past the end of the "
-                    f"{size}-byte file or over {MAX_HEADER_BYTES} bytes",
+                    f"{path}: header length {header_len} {problem}",
                     "the file is truncated or not safetensors",
                 )
             raw = fh.read(header_len)
@@ -269,10 +273,11 @@ def _index_from_json(root: Path, index_path: Path) -> TensorIndex:
     by_shard: dict[str, set[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, set()).add(name)
+    # every shard name is checked before any file is opened: nothing outside root is ever read
+    paths = {shard: _shard_path(root, index_path, shard) for shard in sorted(by_shard)}
     tensors: dict[str, TensorInfo] = {}
     files = []
-    for shard in sorted(by_shard):
-        path = _shard_path(root, index_path, shard)
+    for shard, path in paths.items():
         header = read_header(path)
         missing = sorted(by_shard[shard] - header.tensors.keys())
         extra = sorted(header.tensors.keys() - by_shard[shard])

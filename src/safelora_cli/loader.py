@@ -48,6 +48,18 @@ class TensorReader(AbstractContextManager["TensorReader"]):
                 f"{info.path}: cannot read tensor {info.name!r} ({exc})",
                 "was the file changed during the run?",
             ) from exc
+        # the file is opened after it was indexed: it may have been replaced in between
+        # (packed dtypes such as F4 come back with another shape: compare their byte count)
+        expected = TORCH_DTYPES.get(info.dtype)
+        if tensor.numel() * tensor.element_size() != info.nbytes or (
+            expected is not None and (tensor.dtype, tuple(tensor.shape)) != (expected, info.shape)
+        ):
+            raise CorruptFileError(
+                f"{info.path}: tensor {info.name!r} is {list(tensor.shape)} "
+                f"{str(tensor.dtype).removeprefix('torch.')} now, {list(info.shape)} {info.dtype} "
+                "when indexed",
+                "the file was changed during the run; run again once it is stable",
+            )
         return tensor
 
     def _open(self, path: Path) -> Any:

@@ -2,17 +2,30 @@
 
 Every missing tensor, shape mismatch and unsupported dtype is collected and reported in one error,
 before any tensor data is read.
+
+Two facts come from the base model's ``config.json`` when it has one (it is optional):
+``model_type``, because PEFT decides ``fan_in_fan_out`` per layer from the layer's class (Conv1D or
+Linear) and rewrites the saved flag as it goes, so an adapter mixing both (GPT-2 ``c_attn`` and
+``lm_head``) saves a flag that is wrong for some of its modules; and ``tie_word_embeddings``, so an
+untied model missing ``lm_head.weight`` is an error rather than silently paired with its embedding.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from safelora_cli.adapter import Adapter, LoraModule
 from safelora_cli.errors import IncompatibleInputError
 from safelora_cli.index import FLOAT_DTYPES, TensorIndex, TensorInfo
 
 TIED_FALLBACKS = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight")}
+MODEL_CONFIG = "config.json"
+# transformers architectures built on Conv1D (weights stored (in, out)), and their Conv1D layers;
+# their other layers (lm_head) are nn.Linear.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+CONV1D_LAYERS = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
 _SHOW = 5
 
 
@@ -20,7 +33,9 @@ _SHOW = 5
 class ModulePair:
     """One module to process: the LoRA factors and the two weights V is built from.
 
-    ``transpose`` is set for ``fan_in_fan_out`` adapters, whose base weights are stored (in, out).
+    ``transpose`` is set when the base weight is stored (in, out): a Conv1D layer of a GPT-2-family
+    model, or, for any other model, a module of a ``fan_in_fan_out`` adapter.
+    ``tied`` is set when ``lm_head`` pairs with the input embedding of a tied model.
     """
 
     lora: LoraModule
@@ -39,14 +54,30 @@ class ModulePair:
         return (self.lora.b.shape[0], self.lora.a.shape[1])
 
 
-def _lookup(index: TensorIndex, weight: str) -> tuple[TensorInfo | None, bool]:
+def _model_config(index: TensorIndex) -> dict[str, Any]:
+    """The folder's config.json, or {} when it has none or it cannot be read: it is optional."""
+    try:
+        config = json.loads((index.root / MODEL_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _lookup(index: TensorIndex, weight: str, tied_ok: bool) -> tuple[TensorInfo | None, bool]:
     info = index.get(weight)
     if info is not None:
         return info, False
-    for fallback in TIED_FALLBACKS.get(weight, ()):
+    for fallback in TIED_FALLBACKS.get(weight, ()) if tied_ok else ():
         if fallback in index:
             return index.get(fallback), True
     return None, False
+
+
+def _transposed(module: str, fan_in_fan_out: bool, conv1d_model: bool) -> bool:
+    """Whether the base weight is stored (in, out), as PEFT decides it: by the layer's class."""
+    if conv1d_model:
+        return module.rsplit(".", 1)[-1] in CONV1D_LAYERS
+    return fan_in_fan_out
 
 
 def pair_modules(adapter: Adapter, base: TensorIndex, aligned: TensorIndex) -> list[ModulePair]:
@@ -63,20 +94,22 @@ def pair_modules(adapter: Adapter, base: TensorIndex, aligned: TensorIndex) -> l
     missing: dict[str, list[str]] = {"base": [], "aligned": []}
     problems: list[str] = []
     pairs = []
+    configs = {"base": _model_config(base), "aligned": _model_config(aligned)}
+    conv1d_model = configs["base"].get("model_type") in CONV1D_MODEL_TYPES
     for lora in adapter.modules:
         weight = f"{lora.module}.weight"
         found: dict[str, tuple[TensorInfo | None, bool]] = {
-            "base": _lookup(base, weight),
-            "aligned": _lookup(aligned, weight),
+            side: _lookup(index, weight, configs[side].get("tie_word_embeddings") is not False)
+            for side, index in (("base", base), ("aligned", aligned))
         }
         for side, (info, _) in found.items():
             if info is None:
                 missing[side].append(weight)
-        base_info, tied = found["base"]
-        aligned_info, _ = found["aligned"]
+        (base_info, base_tied), (aligned_info, aligned_tied) = found["base"], found["aligned"]
         if base_info is None or aligned_info is None:
             continue
-        pair = ModulePair(lora, base_info, aligned_info, adapter.fan_in_fan_out, tied)
+        transpose = _transposed(lora.module, adapter.fan_in_fan_out, conv1d_model)
+        pair = ModulePair(lora, base_info, aligned_info, transpose, base_tied or aligned_tied)
         problem = _check_pair(pair)
         if problem:
             problems.append(problem)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from safelora_cli import report as reporting
-from safelora_cli.adapter import WEIGHTS_NAME, Adapter, load_adapter
-from safelora_cli.errors import NumericalError, UsageError
+from safelora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter
+from safelora_cli.errors import CorruptFileError, NumericalError, UsageError
 from safelora_cli.index import TensorIndex, TensorInfo, index_folder
 from safelora_cli.loader import TORCH_DTYPES, TensorReader
 from safelora_cli.pairing import ModulePair, pair_modules
@@ -416,6 +416,8 @@ def _write(
         for src in sorted(adapter.root.iterdir()):
             if src.is_file() and src.name not in (WEIGHTS_NAME, reporting.REPORT_NAME):
                 shutil.copyfile(src, stage / src.name)
+        if not (stage / CONFIG_NAME).is_file():
+            raise CorruptFileError(f"{adapter.root / CONFIG_NAME}: removed during the run")
         if report_file is None:
             write_json(stage / reporting.REPORT_NAME, report)
     if report_file is not None:

@@ -14,6 +14,7 @@ from typing import Any
 from safelora_cli.errors import HubError, UsageError
 
 HUB_PATTERNS = ["*.safetensors", "*.json"]
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 
 
@@ -26,6 +27,7 @@ class ResolvedInput:
     hub_id: str | None = None
     revision: str | None = None
     files: dict[str, int] = field(default_factory=dict)
+    commit: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """The report's ``inputs`` entry: path or hub id + revision, files and sizes."""
@@ -34,6 +36,7 @@ class ResolvedInput:
             "path": str(self.path),
             "hub_id": self.hub_id,
             "revision": self.revision,
+            "commit": self.commit,
             "files": dict(sorted(self.files.items())),
             "bytes": sum(self.files.values()),
         }
@@ -66,7 +69,11 @@ def resolve(ref: str, revision: str | None = None, role: str = "input") -> Resol
         )
     repo, rev = match["repo"], match["rev"] or revision
     path = Path(_download(repo, rev, role))
-    return ResolvedInput(ref, path, hub_id=repo, revision=rev, files=_listing(path))
+    # the cache keeps a snapshot per commit: record which one was used, for reproducibility
+    commit = path.name if _COMMIT.fullmatch(path.name) else None
+    return ResolvedInput(
+        ref, path, hub_id=repo, revision=rev or "main", files=_listing(path), commit=commit
+    )
 
 
 def _listing(path: Path) -> dict[str, int]:

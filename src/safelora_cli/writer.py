@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -23,6 +25,7 @@ from safetensors.torch import save_file
 from safelora_cli.errors import FilesystemError, NumericalError
 
 STAGE_PREFIX = ".safelora-tmp-"
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def check_output(target: Path, inputs: list[Path], force: bool) -> None:
@@ -79,17 +82,31 @@ def staged_output(target: Path) -> Iterator[Path]:
     exception propagates; ``target`` is not touched.
     """
     parent = target.resolve().parent
+    # named before it exists: an interrupt landing just after mkdir still knows what to remove
+    stage = parent / f"{STAGE_PREFIX}{target.name}-{secrets.token_hex(8)}"
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{target.name}-", dir=parent))
-    except OSError as exc:
+        stage.mkdir(mode=0o700)
+    except OSError as exc:  # FileExistsError included: never remove a folder that is not ours
         raise _fs_error(target, exc) from exc
+    except BaseException:
+        _remove(stage)
+        raise
     try:
         yield stage
         _publish(stage, target)
     except OSError as exc:
         raise _fs_error(target, exc) from exc
     finally:
+        _remove(stage)
+
+
+def _remove(stage: Path) -> None:
+    """Remove the staging folder, even when a second Ctrl-C or SIGTERM lands during removal."""
+    try:
         shutil.rmtree(stage, ignore_errors=True)
+    except KeyboardInterrupt:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def _publish(stage: Path, target: Path) -> None:
@@ -129,7 +146,14 @@ def write_adapter_weights(
         tensors: name -> tensor, in the adapter's own dtypes.
         metadata: the original file's ``__metadata__`` (kept as is).
     """
-    save_file(dict(tensors), str(path), metadata=metadata)
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except Exception as exc:  # safetensors reports I/O failures (disk full) as its own error
+        found = _OS_ERROR.search(str(exc))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def cast_checked(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

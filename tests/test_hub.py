@@ -1,0 +1,232 @@
+"""Rows 34-35 of shared/BAD_INPUTS.md: hub ids, offline, and what the hub can refuse.
+
+A huggingface_hub cache is built by hand under tmp (``models--org--name/refs/main`` holding a
+commit hash, ``blobs/`` holding the files, ``snapshots/<hash>/`` linking to them), with
+HF_HUB_OFFLINE=1. huggingface_hub reads its environment at import time, so the constants module is
+patched as well as the environment. Nothing is downloaded: online-only failures (gated, not found,
+bad revision, server error) are raised by a stand-in for ``snapshot_download``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from huggingface_hub import constants
+from huggingface_hub import errors as hub_errors
+from typer.testing import Result
+
+from tests.conftest import Trio
+from tests.test_bad_inputs import REPORT, expect_error, expect_ok
+
+Cli = Callable[..., Result]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def cache_repo(hub: Path, repo: str, folder: Path, commit: str = COMMIT, ref: str = "main") -> Path:
+    """Put ``folder``'s files in the hub cache as ``repo`` at ``commit``, ``ref`` pointing there."""
+    storage = hub / ("models--" + repo.replace("/", "--"))
+    snapshot = storage / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (storage / "blobs").mkdir(exist_ok=True)
+    for src in sorted(folder.iterdir()):
+        data = src.read_bytes()
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / src.name).symlink_to(Path("../../blobs") / blob.name)
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An offline hub cache under tmp_path; the working directory holds no ``org/`` folder."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return cache
+
+
+def hub_args(trio: Trio, output: Path, base: str, aligned: str, *extra: str) -> list[str]:
+    return ["patch", str(trio.adapter), "--base", base, "--aligned", aligned,
+            "--output", str(output), "--quiet", *extra]  # fmt: skip
+
+
+def test_row34_cached_hub_ids_resolve_offline(
+    trio: Trio, cli: Cli, tmp_path: Path, hub: Path
+) -> None:
+    base_snapshot = cache_repo(hub, "org/base-model", trio.base)
+    cache_repo(hub, "org/chat-model", trio.aligned, commit=OTHER_COMMIT, ref="v1")
+    out, local = tmp_path / "out", tmp_path / "local"
+
+    report = expect_ok(cli(hub_args(trio, out, "org/base-model", "org/chat-model@v1")), out)
+    base, aligned = report["inputs"]["base"], report["inputs"]["aligned"]
+    assert (base["hub_id"], base["revision"], base["commit"]) == ("org/base-model", "main", COMMIT)
+    assert (aligned["hub_id"], aligned["revision"], aligned["commit"]) == (
+        "org/chat-model",
+        "v1",
+        OTHER_COMMIT,
+    )
+    assert Path(base["path"]) == base_snapshot.resolve()
+    assert base["files"] == {p.name: p.stat().st_size for p in trio.base.iterdir()}
+    # the same result as from the local folders
+    expect_ok(cli(["patch", str(trio.adapter), "--base", str(trio.base), "--aligned",
+                   str(trio.aligned), "--output", str(local), "--quiet"]), local)  # fmt: skip
+    local_report = json.loads((local / REPORT).read_text())
+    assert report["modules"] == local_report["modules"]
+    assert (out / "adapter_model.safetensors").read_bytes() == (
+        local / "adapter_model.safetensors"
+    ).read_bytes()
+
+
+def test_row34_revision_flag_applies_to_both(
+    trio: Trio, cli: Cli, tmp_path: Path, hub: Path
+) -> None:
+    cache_repo(hub, "org/base-model", trio.base, ref="v2")
+    cache_repo(hub, "org/chat-model", trio.aligned, ref="v2")
+    out = tmp_path / "out"
+    report = expect_ok(
+        cli(hub_args(trio, out, "org/base-model", "org/chat-model", "--revision", "v2")), out
+    )
+    assert report["inputs"]["base"]["revision"] == report["inputs"]["aligned"]["revision"] == "v2"
+
+
+def test_row34_commit_hash_revision_resolves_offline(
+    trio: Trio, cli: Cli, tmp_path: Path, hub: Path
+) -> None:
+    cache_repo(hub, "org/base-model", trio.base)
+    cache_repo(hub, "org/chat-model", trio.aligned)
+    out = tmp_path / "out"
+    report = expect_ok(cli(hub_args(trio, out, f"org/base-model@{COMMIT}", "org/chat-model")), out)
+    assert report["inputs"]["base"]["revision"] == report["inputs"]["base"]["commit"] == COMMIT
+
+
+@pytest.mark.parametrize(
+    ("base", "named"),
+    [
+        pytest.param("org/missing", "--base org/missing", id="repo-not-cached"),
+        pytest.param("org/base-model@nope", "--base org/base-model@nope", id="ref-not-cached"),
+        pytest.param(
+            f"org/base-model@{OTHER_COMMIT}", f"org/base-model@{OTHER_COMMIT}", id="commit-missing"
+        ),
+    ],
+)
+def test_row34_not_in_cache_offline_exit_7(
+    trio: Trio, cli: Cli, tmp_path: Path, hub: Path, base: str, named: str
+) -> None:
+    cache_repo(hub, "org/base-model", trio.base)
+    cache_repo(hub, "org/chat-model", trio.aligned)
+    out = tmp_path / "out"
+    expect_error(
+        cli(hub_args(trio, out, base, "org/chat-model")), 7, named, "not in the local cache",
+        "offline", output=out,
+    )  # fmt: skip
+
+
+def test_row35_bad_revision_flag_exit_7(trio: Trio, cli: Cli, tmp_path: Path, hub: Path) -> None:
+    cache_repo(hub, "org/base-model", trio.base)
+    cache_repo(hub, "org/chat-model", trio.aligned)
+    out = tmp_path / "out"
+    expect_error(
+        cli(hub_args(trio, out, "org/base-model", "org/chat-model", "--revision", "v9")), 7,
+        "--base org/base-model@v9", output=out,
+    )  # fmt: skip
+
+
+def test_row34_aligned_missing_named_as_aligned(
+    trio: Trio, cli: Cli, tmp_path: Path, hub: Path
+) -> None:
+    cache_repo(hub, "org/base-model", trio.base)
+    out = tmp_path / "out"
+    expect_error(
+        cli(hub_args(trio, out, "org/base-model", "org/chat-model")), 7,
+        "--aligned org/chat-model", "not in the local cache", output=out,
+    )  # fmt: skip
+
+
+def _http_error(cls: type[hub_errors.HfHubHTTPError], status: int) -> hub_errors.HfHubHTTPError:
+    url = "https://huggingface.co/api/models/org/base-model"
+    response = httpx2.Response(status, request=httpx2.Request("GET", url))
+    return cls(f"{status} Client Error.\n\nfor url: {url}\nmore detail", response=response)
+
+
+@pytest.mark.parametrize(
+    ("error", "phrases"),
+    [
+        pytest.param(
+            lambda: _http_error(hub_errors.GatedRepoError, 403),
+            ("--base org/base-model", "gated", "https://huggingface.co/org/base-model"),
+            id="gated",
+        ),
+        pytest.param(
+            lambda: _http_error(hub_errors.RepositoryNotFoundError, 404),
+            ("--base org/base-model", "repository not found"),
+            id="not-found",
+        ),
+        pytest.param(
+            lambda: _http_error(hub_errors.RevisionNotFoundError, 404),
+            ("--base org/base-model@v3", "revision not found", "--revision"),
+            id="bad-revision",
+        ),
+        pytest.param(
+            lambda: _http_error(hub_errors.HfHubHTTPError, 500),
+            ("--base org/base-model", "cannot fetch", "500"),
+            id="server-error",
+        ),
+        pytest.param(
+            lambda: hub_errors.OfflineModeIsEnabled("offline"),
+            ("--base org/base-model", "offline"),
+            id="offline-raised",
+        ),
+        pytest.param(
+            lambda: ValueError("Invalid repo id"), ("--base org/base-model",), id="value-error"
+        ),
+    ],
+)
+def test_row35_hub_refusals_exit_7(
+    trio: Trio,
+    cli: Cli,
+    tmp_path: Path,
+    hub: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Callable[[], Exception],
+    phrases: tuple[str, ...],
+) -> None:
+    import huggingface_hub
+
+    calls: list[dict[str, Any]] = []
+
+    def refuse(repo_id: str, **kwargs: Any) -> str:
+        calls.append({"repo_id": repo_id, **kwargs})
+        raise error()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    out = tmp_path / "out"
+    base = "org/base-model@v3" if "@v3" in phrases[0] else "org/base-model"
+    expect_error(cli(hub_args(trio, out, base, "org/chat-model")), 7, *phrases, output=out)
+    # only safetensors and json are ever asked for
+    assert calls[0]["allow_patterns"] == ["*.safetensors", "*.json"]
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["org/", "/abs/path/missing", "./rel/missing", "a/b/c", "org/name@", "~/missing-folder"],
+)
+def test_row34_neither_folder_nor_hub_id_exit_2(
+    trio: Trio, cli: Cli, tmp_path: Path, hub: Path, ref: str
+) -> None:
+    out = tmp_path / "out"
+    expect_error(cli(hub_args(trio, out, ref, str(trio.aligned))), 2, "--base", output=out)

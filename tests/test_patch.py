@@ -540,3 +540,20 @@ def test_default_selection_projects_ten_lowest(trio: Trio, cli: Cli, tmp_path: P
     assert report["settings"]["num_layers"] == 10
     projected = {m["module"] for m in report["modules"] if m["projected"]}
     assert projected == paper_selection(dense, "number", 10, math.nan)
+
+
+def test_other_files_are_copied_but_stale_pickle_weights_are_not(
+    trio: Trio, cli: Cli, tmp_path: Path
+) -> None:
+    """An unpatched adapter_model.bin beside the output would undo the patch for loaders that
+    prefer it; tokenizer files and the README travel with the adapter."""
+    (trio.adapter / "README.md").write_text("my adapter")
+    (trio.adapter / "tokenizer_config.json").write_text("{}")
+    (trio.adapter / "adapter_model.bin").write_bytes(b"stale unpatched pickle")
+    (trio.adapter / "training_args.bin").write_bytes(b"pickle")
+    out = tmp_path / "out"
+    result = cli(trio.patch_args(out, "--quiet"))
+    assert result.exit_code == 0, result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([CONFIG, WEIGHTS, REPORT, "README.md", "tokenizer_config.json"])
+    assert (out / "README.md").read_text() == "my adapter"

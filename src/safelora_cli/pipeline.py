@@ -20,7 +20,7 @@ import torch
 from safelora_cli import report as reporting
 from safelora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter
 from safelora_cli.errors import CorruptFileError, NumericalError, UsageError
-from safelora_cli.index import TensorIndex, TensorInfo, index_folder
+from safelora_cli.index import PICKLE_SUFFIXES, TensorIndex, TensorInfo, index_folder
 from safelora_cli.loader import TORCH_DTYPES, TensorReader
 from safelora_cli.pairing import ModulePair, pair_modules
 from safelora_cli.projection import (
@@ -414,7 +414,11 @@ def _write(
             }
             write_adapter_weights(stage / WEIGHTS_NAME, tensors, adapter.weights.metadata)
         for src in sorted(adapter.root.iterdir()):
-            if src.is_file() and src.name not in (WEIGHTS_NAME, reporting.REPORT_NAME):
+            # pickled weights would be stale, unpatched copies that some loaders prefer
+            skip = (
+                src.name in (WEIGHTS_NAME, reporting.REPORT_NAME) or src.suffix in PICKLE_SUFFIXES
+            )
+            if src.is_file() and not skip:
                 shutil.copyfile(src, stage / src.name)
         if not (stage / CONFIG_NAME).is_file():
             raise CorruptFileError(f"{adapter.root / CONFIG_NAME}: removed during the run")

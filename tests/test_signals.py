@@ -3,7 +3,7 @@
 ``python -m safelora_cli patch`` runs in a subprocess on a synthetic trio big enough for each phase
 to last: scoring (full SVDs of 1024-wide weights) and writing (a 200 MB passthrough tensor). The
 signal is sent when the phase is seen to have started: the base weights memory-mapped by the
-process (/proc/PID/maps), or the staging folder beside the output. No hook in the product code.
+process (/proc/PID/fd), or the staging folder beside the output. No hook in the product code.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapt
 from safelora_cli.writer import STAGE_PREFIX
 
 pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or not Path("/proc/self/maps").exists(),
-    reason="watches /proc/PID/maps and sends POSIX signals",
+    sys.platform != "linux" or not Path("/proc/self/fd").exists(),
+    reason="watches /proc/PID/fd and sends POSIX signals",
 )
 SHAPE = LlamaShape(hidden=1024, intermediate=2816, layers=2, heads=8, kv_heads=8, vocab=256)
 PASSTHROUGH = "base_model.model.lm_head.modules_to_save.default.weight"
@@ -72,14 +72,22 @@ def wait_until(proc: subprocess.Popen[str], seen: Callable[[], bool]) -> None:
         time.sleep(0.001)
 
 
-def maps_file(pid: int, path: Path) -> Callable[[], bool]:
+def opens_file(pid: int, path: Path) -> Callable[[], bool]:
+    """True once the process holds ``path`` open (its weights are read, not memory-mapped)."""
     target = str(path.resolve())
 
     def seen() -> bool:
         try:
-            return target in Path(f"/proc/{pid}/maps").read_text()
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:
             return False
+        for fd in fds:
+            try:
+                if os.readlink(fd) == target:
+                    return True
+            except OSError:
+                continue
+        return False
 
     return seen
 
@@ -113,7 +121,7 @@ def test_row32_signal_while_scoring(
 ) -> None:
     output = tmp_path / "out"
     proc = start(big_trio["adapter"], big_trio, output, "--projection", "subspace", "--rank", "900")
-    wait_until(proc, maps_file(proc.pid, big_trio["base"] / "model.safetensors"))
+    wait_until(proc, opens_file(proc.pid, big_trio["base"] / "model.safetensors"))
     proc.send_signal(signum)
     finish(proc, output)
 

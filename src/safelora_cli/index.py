@@ -44,6 +44,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    file_size: int  # of the whole file when indexed: a changed file is caught on open
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def _parse_header(
         raise CorruptFileError(f"{path}: __metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        tensors[name] = _parse_entry(path, name, entry, data_start)
+        tensors[name] = _parse_entry(path, name, entry, data_start, size)
     end = data_start
     for info in sorted(tensors.values(), key=lambda t: (t.offset, t.offset + t.nbytes)):
         if info.offset != end:
@@ -182,7 +183,7 @@ def _parse_header(
     return SafetensorsHeader(path, tensors, metadata, size)
 
 
-def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
+def _parse_entry(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise CorruptFileError(f"{where}: header entry is not an object")
@@ -199,7 +200,7 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
         raise CorruptFileError(
             f"{where}: holds {stop - start} bytes, shape {shape} in {dtype} needs {expected}"
         )
-    return TensorInfo(name, path, dtype, tuple(shape), data_start + start, expected)
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + start, expected, size)
 
 
 def _is_count(value: Any) -> bool:

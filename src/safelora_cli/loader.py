@@ -1,15 +1,19 @@
-"""Loader: read indexed tensors memory-mapped, keeping one handle open per file.
+"""Loader: read indexed tensors, keeping one handle open per file.
 
-Reads are cheapest in shard/offset order (the pipeline asks in that order). A tensor returned here
-is a view on the memory map: no copy is made until the caller converts it.
+``read`` returns a view on safetensors' memory map (small adapter tensors). ``read_into`` copies a
+model weight's bytes into a caller's reusable buffer with plain reads: no page of the model stays
+mapped into the process, so memory does not grow with the model. Reads are cheapest in
+shard/offset order (the pipeline asks in that order).
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
+from io import FileIO
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -35,6 +39,49 @@ class TensorReader(AbstractContextManager["TensorReader"]):
 
     def __init__(self) -> None:
         self._handles: dict[Path, Any] = {}
+        self._files: dict[Path, FileIO] = {}
+
+    def read_into(self, info: TensorInfo, raw: torch.Tensor) -> torch.Tensor:
+        """Read the tensor ``info`` describes into ``raw`` and return it as stored.
+
+        Args:
+            info: a float tensor from a validated index (offsets checked against the file size).
+            raw: flat uint8 CPU buffer of at least ``info.nbytes`` (pinned for CUDA copies).
+        Returns:
+            A view on ``raw`` with the stored dtype and shape.
+        Raises:
+            CorruptFileError: the file ends early (changed since it was indexed).
+        """
+        target = memoryview(cast(Any, raw[: info.nbytes].numpy()))  # numpy shares the memory
+        try:
+            fh = self._files.get(info.path)
+            if fh is None:
+                fh = self._files[info.path] = info.path.open("rb", buffering=0)
+                if os.fstat(fh.fileno()).st_size != info.file_size:
+                    raise CorruptFileError(
+                        f"{info.path}: size changed since it was indexed; the file changed "
+                        "during the run",
+                        "run again once it is stable",
+                    )
+            fh.seek(info.offset)
+            done = 0
+            while done < info.nbytes:
+                count = fh.readinto(target[done:])
+                if not count:
+                    break
+                done += count
+        except OSError as exc:
+            raise CorruptFileError(
+                f"{info.path}: cannot read tensor {info.name!r} ({exc.strerror})",
+                "was the file changed or removed during the run?",
+            ) from exc
+        if done != info.nbytes:
+            raise CorruptFileError(
+                f"{info.path}: tensor {info.name!r} ends early ({done} of {info.nbytes} bytes); "
+                "the file changed during the run",
+                "run again once it is stable",
+            )
+        return raw[: info.nbytes].view(TORCH_DTYPES[info.dtype]).view(info.shape)
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """Return the tensor ``info`` describes, as stored (dtype and shape of the file)."""
@@ -74,6 +121,9 @@ class TensorReader(AbstractContextManager["TensorReader"]):
 
     def close(self) -> None:
         self._handles.clear()
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
 
     def __exit__(
         self,

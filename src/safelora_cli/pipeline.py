@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from safelora_cli.projection import (
     SUBSPACE,
     ModuleScore,
     ProjectionSpec,
-    alignment_matrix,
     score_module,
 )
 from safelora_cli.resolve import ResolvedInput, resolve
@@ -38,6 +36,7 @@ from safelora_cli.select import (
     check_selection,
     select_modules,
 )
+from safelora_cli.stream import alignment_stream
 from safelora_cli.writer import (
     cast_checked,
     check_output,
@@ -176,32 +175,6 @@ def _weight_groups(job: Job) -> list[list[tuple[int, ModulePair]]]:
     return sorted(groups.values(), key=lambda g: (str(g[0][1].base.path), g[0][1].base.offset))
 
 
-def _alignment_stream(
-    pairs: list[ModulePair], device: torch.device
-) -> Iterator[tuple[ModulePair, torch.Tensor]]:
-    """Yield (pair, V) in order, reading the next weight while the caller computes this one."""
-
-    def load(pair: ModulePair) -> torch.Tensor:
-        with torch.inference_mode():
-            w_base, w_aligned = reader.read(pair.base), reader.read(pair.aligned)
-            if device.type == "cuda":
-                w_base, w_aligned = w_base.pin_memory(), w_aligned.pin_memory()
-            return alignment_matrix(w_base, w_aligned, device)
-
-    with TensorReader() as reader, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
-        pending: Future[torch.Tensor] | None = pool.submit(load, pairs[0]) if pairs else None
-        for i, pair in enumerate(pairs):
-            assert pending is not None
-            v = pending.result()
-            pending = pool.submit(load, pairs[i + 1]) if i + 1 < len(pairs) else None
-            try:
-                yield pair, v
-            except GeneratorExit:
-                if pending is not None:
-                    pending.cancel()
-                raise
-
-
 def _read_factor(reader: TensorReader, info: TensorInfo, device: torch.device) -> torch.Tensor:
     tensor = reader.read(info)
     if not bool(torch.isfinite(tensor).all()):
@@ -236,13 +209,13 @@ def compute_scores(
     groups = _weight_groups(job)
     leaders = [group[0][1] for group in groups]
     with torch.inference_mode(), TensorReader() as adapter_reader:
-        for done, (group, (_, v)) in enumerate(
-            zip(groups, _alignment_stream(leaders, device), strict=True), start=1
+        for done, (group, (_, v, v_norm)) in enumerate(
+            zip(groups, alignment_stream(leaders, device), strict=True), start=1
         ):
             for k, pair in group:
                 a = _read_factor(adapter_reader, pair.lora.a, device)
                 b = _read_factor(adapter_reader, pair.lora.b, device)
-                score = score_module(v.T if pair.transpose else v, a, b, job.spec)
+                score = score_module(v.T if pair.transpose else v, a, b, job.spec, v_norm)
                 if not math.isfinite(score.v_norm):
                     raise _non_finite_weight(pair)
                 scores[k][pair.name] = score

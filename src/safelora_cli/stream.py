@@ -1,0 +1,74 @@
+"""Stream: V = W_aligned − W_base for each weight in turn; the next weight is read meanwhile.
+
+The hot path. Each weight is read once, with plain reads into reused byte buffers (no page of the
+model stays mapped, so memory does not grow with the model). A prefetch thread only reads (the
+read releases the GIL and needs no CPU threads of torch's); the conversion to float32, the
+subtraction and ‖V‖ happen in the caller's thread, in cache-sized row blocks. Measured on 2 cores
+(bench/RESULTS.md): converting in the prefetch thread instead is slower, as the two threads' torch
+thread pools then compete for the same cores and memory bandwidth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from safelora_cli.index import TensorInfo
+from safelora_cli.loader import TensorReader
+from safelora_cli.pairing import ModulePair
+from safelora_cli.projection import BLOCK_ELEMENTS, alignment_matrix_into
+
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def alignment_stream(
+    pairs: list[ModulePair], device: torch.device
+) -> Iterator[tuple[ModulePair, torch.Tensor, float]]:
+    """Yield (pair, V, ‖V‖_F) for each pair in order; V (float32, stored layout) is valid until
+    the next item is requested, as its buffer is then reused.
+
+    Args:
+        pairs: the weights to read (their base/aligned ``TensorInfo``), in shard/offset order.
+        device: where V is computed.
+    """
+    if not pairs:
+        return
+    nbytes = max(max(p.base.nbytes, p.aligned.nbytes) for p in pairs)
+    numel = max(p.base.nbytes // _ITEMSIZE[p.base.dtype] for p in pairs)
+    block = max(BLOCK_ELEMENTS, *(p.base.shape[-1] for p in pairs))
+    pin = device.type == "cuda"
+    # two (base, aligned) byte-buffer pairs: one being read while the other is converted
+    raw = [
+        (torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin),
+         torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin))
+        for _ in range(2)
+    ]  # fmt: skip
+    v_buffer = torch.empty(numel, dtype=torch.float32, device=device)
+    scratch = torch.empty(min(block, numel), dtype=torch.float32, device=device)
+
+    def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raw_base, raw_aligned = raw[i % 2]
+        return _read(reader, pairs[i].base, raw_base), _read(reader, pairs[i].aligned, raw_aligned)
+
+    with TensorReader() as reader, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+        pending: Future[tuple[torch.Tensor, torch.Tensor]] | None = pool.submit(read, 0)
+        for i, pair in enumerate(pairs):
+            assert pending is not None
+            w_base, w_aligned = pending.result()
+            if device.type == "cuda":  # the copies below must finish before the buffers refill
+                torch.cuda.current_stream(device).synchronize()
+            pending = pool.submit(read, i + 1) if i + 1 < len(pairs) else None
+            out = v_buffer[: w_base.numel()].view(w_base.shape)
+            try:
+                v, v_norm = alignment_matrix_into(w_base, w_aligned, out, scratch)
+                yield pair, v, v_norm
+            except GeneratorExit:
+                if pending is not None:
+                    pending.cancel()
+                raise
+
+
+def _read(reader: TensorReader, info: TensorInfo, buffer: torch.Tensor) -> torch.Tensor:
+    return reader.read_into(info, buffer)

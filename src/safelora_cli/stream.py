@@ -3,9 +3,9 @@
 The hot path. Each weight is read once, with plain reads into reused byte buffers (no page of the
 model stays mapped, so memory does not grow with the model). A prefetch thread only reads (the
 read releases the GIL and needs no CPU threads of torch's); the conversion to float32, the
-subtraction and ‖V‖ happen in the caller's thread, in cache-sized row blocks. Measured on 2 cores
-(bench/RESULTS.md): converting in the prefetch thread instead is slower, as the two threads' torch
-thread pools then compete for the same cores and memory bandwidth.
+subtraction and ‖V‖ happen in the caller's thread, in cache-sized row blocks. On 2 cores, converting
+in the prefetch thread instead was slower when tried (9.4-10.6 s against 8.9 s for the 22-layer
+job): the two threads' torch pools compete for the same cores and memory bandwidth.
 """
 
 from __future__ import annotations

@@ -10,17 +10,15 @@ job): the two threads' torch pools compete for the same cores and memory bandwid
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from safelora_cli.index import TensorInfo
 from safelora_cli.loader import TensorReader
 from safelora_cli.pairing import ModulePair
 from safelora_cli.projection import BLOCK_ELEMENTS, alignment_matrix_into
-
-_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
 
 def alignment_stream(
@@ -36,7 +34,7 @@ def alignment_stream(
     if not pairs:
         return
     nbytes = max(max(p.base.nbytes, p.aligned.nbytes) for p in pairs)
-    numel = max(p.base.nbytes // _ITEMSIZE[p.base.dtype] for p in pairs)
+    numel = max(math.prod(p.base.shape) for p in pairs)
     block = max(BLOCK_ELEMENTS, *(p.base.shape[-1] for p in pairs))
     pin = device.type == "cuda"
     # two (base, aligned) byte-buffer pairs: one being read while the other is converted
@@ -50,7 +48,8 @@ def alignment_stream(
 
     def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         raw_base, raw_aligned = raw[i % 2]
-        return _read(reader, pairs[i].base, raw_base), _read(reader, pairs[i].aligned, raw_aligned)
+        pair = pairs[i]
+        return reader.read_into(pair.base, raw_base), reader.read_into(pair.aligned, raw_aligned)
 
     with TensorReader() as reader, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
         pending: Future[tuple[torch.Tensor, torch.Tensor]] | None = pool.submit(read, 0)
@@ -68,7 +67,3 @@ def alignment_stream(
                 if pending is not None:
                     pending.cancel()
                 raise
-
-
-def _read(reader: TensorReader, info: TensorInfo, buffer: torch.Tensor) -> torch.Tensor:
-    return reader.read_into(info, buffer)

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from safelora_cli.cli import app
 from safelora_cli.synthetic import (
     ALL_PROJ,
     LlamaShape,
@@ -21,6 +20,7 @@ from safelora_cli.synthetic import (
     make_adapter,
     make_pair,
 )
+from tests.helpers import invoke
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,4 @@ def trio(make_trio: TrioFactory) -> Trio:
 @pytest.fixture
 def cli() -> Callable[..., Result]:
     """Run the CLI in-process; ``result.stdout`` and ``result.stderr`` are separate."""
-    runner = CliRunner()
-
-    def invoke(args: list[str], **kwargs: object) -> Result:
-        return runner.invoke(app, args, **kwargs)  # type: ignore[arg-type]
-
     return invoke

@@ -6,7 +6,6 @@ SAFELORA_PRESET_PATH: nothing is downloaded.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -28,8 +27,7 @@ from safelora_cli.config import (
     resolve_run,
 )
 from safelora_cli.errors import UsageError
-from safelora_cli.pipeline import Settings
-from safelora_cli.projection import PAPER
+from safelora_cli.settings import Settings
 from tests.conftest import Trio
 
 if sys.version_info >= (3, 11):
@@ -103,12 +101,6 @@ def test_example_run_file_is_valid() -> None:
     run = resolve_run({}, ROOT / "configs" / "example-run.toml", load_presets([]))
     assert run.base == "meta-llama/Llama-2-7b-hf"
     assert (run.settings.select, run.settings.threshold) == ("threshold", 0.35)
-
-
-def test_config_keys_match_settings_and_constants() -> None:
-    assert set(config.SETTING_KEYS) == {f.name for f in dataclasses.fields(Settings)}
-    assert set(config.SETTING_KEYS) <= config.RUN_KEYS
-    assert config.PAPER == PAPER
 
 
 # --- user presets --------------------------------------------------------------------------------

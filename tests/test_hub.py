@@ -1,4 +1,4 @@
-"""Rows 34-35 of shared/BAD_INPUTS.md: hub ids, offline, and what the hub can refuse.
+"""Hub ids, offline use, and what the hub can refuse: each a clear error (exit 7).
 
 A huggingface_hub cache is built by hand under tmp (``models--org--name/refs/main`` holding a
 commit hash, ``blobs/`` holding the files, ``snapshots/<hash>/`` linking to them), with

@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import Result
 
+from safelora_cli.adapter import expected_alpha
 from safelora_cli.cli import app
 from safelora_cli.errors import IncompatibleInputError, UsageError
-from safelora_cli.inspection import expected_alpha, inspect_adapter
+from safelora_cli.inspection import inspect_adapter
 from safelora_cli.synthetic import LlamaShape, PairSpec, adapter_config, make_pair, save_model
 from tests.conftest import Trio, TrioFactory
 

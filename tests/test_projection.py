@@ -16,19 +16,19 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safelora_cli.errors import UsageError
 from safelora_cli.projection import (
-    SUBSPACE,
-    ZERO_DELTA,
-    ZERO_V,
     ModuleScore,
-    ProjectionSpec,
     alignment_matrix,
     factored_cosine,
     paper_project,
     score_module,
 )
-from safelora_cli.select import NUMBER, THRESHOLD, check_selection, select_modules
+from safelora_cli.report import ZERO_DELTA, ZERO_V
+from safelora_cli.selection import select_modules
+from safelora_cli.settings import Projection, ProjectionSpec, Select
+
+NUMBER, THRESHOLD = Select.NUMBER, Select.THRESHOLD
+SUBSPACE = Projection.SUBSPACE
 
 RTOL = 1e-5  # fp32 compute against a float64 dense reference
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -433,35 +433,3 @@ def test_property_threshold_mode(cosines: dict[str, float], t: float) -> None:
     selected, used = select_modules(cosines, THRESHOLD, 10, t)
     assert used == t
     assert selected == {n for n, c in cosines.items() if c <= t}
-
-
-@pytest.mark.parametrize(
-    ("select", "k", "t", "modules", "flag"),
-    [
-        pytest.param(NUMBER, 0, 0.5, 4, "--num-layers", id="k-zero"),
-        pytest.param(NUMBER, -3, 0.5, 4, "--num-layers", id="k-negative"),
-        pytest.param(NUMBER, 5, 0.5, 4, "--num-layers", id="k-above-modules"),
-        pytest.param(THRESHOLD, 10, 1.0001, 4, "--threshold", id="t-above-one"),
-        pytest.param(THRESHOLD, 10, -1.5, 4, "--threshold", id="t-below-minus-one"),
-        pytest.param(THRESHOLD, 10, math.nan, 4, "--threshold", id="t-nan"),
-        pytest.param("topk", 2, 0.5, 4, "--select", id="unknown-mode"),
-    ],
-)
-def test_check_selection_rejects(select: str, k: int, t: float, modules: int, flag: str) -> None:
-    with pytest.raises(UsageError) as caught:
-        check_selection(select, k, t, modules)
-    assert caught.value.exit_code == 2
-    assert flag in caught.value.message
-
-
-@pytest.mark.parametrize(
-    ("select", "k", "t", "modules"),
-    [
-        pytest.param(NUMBER, 1, 5.0, 4, id="k-one-threshold-ignored"),
-        pytest.param(NUMBER, 4, 0.5, 4, id="k-equals-modules"),
-        pytest.param(THRESHOLD, 0, -1.0, 4, id="t-minus-one-k-ignored"),
-        pytest.param(THRESHOLD, 99, 1.0, 4, id="t-one"),
-    ],
-)
-def test_check_selection_accepts_bounds(select: str, k: int, t: float, modules: int) -> None:
-    check_selection(select, k, t, modules)  # raises on failure

@@ -1,4 +1,4 @@
-"""Row 32 of shared/BAD_INPUTS.md: Ctrl-C or SIGTERM at any point -> exit 130, nothing partial.
+"""Ctrl-C or SIGTERM at any point -> exit 130, nothing partial left.
 
 ``python -m safelora_cli patch`` runs in a subprocess on a synthetic trio big enough for each phase
 to last: scoring (full SVDs of 1024-wide weights) and writing (a 200 MB passthrough tensor). The

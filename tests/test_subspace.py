@@ -25,15 +25,12 @@ from safetensors.torch import load_file
 from typer.testing import Result
 
 from safelora_cli import projection
-from safelora_cli.projection import (
-    SUBSPACE,
-    ModuleScore,
-    ProjectionSpec,
-    score_module,
-    subspace_basis,
-)
+from safelora_cli.projection import ModuleScore, score_module, subspace_basis
+from safelora_cli.settings import Projection, ProjectionSpec
 from safelora_cli.synthetic import LlamaShape, PairSpec, make_adapter, make_pair
 from tests.conftest import Trio, TrioFactory
+
+SUBSPACE = Projection.SUBSPACE
 
 Cli = Callable[..., Result]
 WEIGHTS = "adapter_model.safetensors"

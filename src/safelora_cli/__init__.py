@@ -19,10 +19,15 @@ __all__ = ["Result", "Settings", "__version__", "patch", "patch_many", "score", 
 _API = frozenset(__all__) - {"__version__"}
 
 if TYPE_CHECKING:
-    from safelora_cli.pipeline import Result, Settings, patch, patch_many, score, score_many
+    from safelora_cli.pipeline import Result, patch, patch_many, score, score_many
+    from safelora_cli.settings import Settings
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Settings":  # no torch needed
+        from safelora_cli.settings import Settings
+
+        return Settings
     if name in _API:
         from safelora_cli import pipeline
 

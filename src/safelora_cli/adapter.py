@@ -25,6 +25,8 @@ from safelora_cli.index import (
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+DEFAULT_RANK = 8  # peft.LoraConfig.r
+DEFAULT_ALPHA = 8  # peft.LoraConfig.lora_alpha
 # DoRA's layer is m ⊙ (W + s B A) / ‖W + s B A‖_row: besides s B A, its update rescales every row
 # of W, which projecting B cannot keep inside the alignment subspace (tests/test_peft_variants.py).
 DORA_HINT = (
@@ -106,7 +108,7 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise IncompatibleInputError(f"{path}: peft_type is {peft_type!r}; only LORA is supported")
-    rank = config.get("r", 8)
+    rank = config.get("r", DEFAULT_RANK)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise IncompatibleInputError(f"{path}: 'r' must be a positive integer, not {rank!r}")
     for key in ("fan_in_fan_out", "use_dora", "use_rslora"):
@@ -116,7 +118,7 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
         if not isinstance(config.get(key) or {}, dict):
             raise IncompatibleInputError(f"{path}: {key!r} must be an object")
         _check_patterns(path, key, config.get(key) or {})
-    alpha = config.get("lora_alpha", 8)
+    alpha = config.get("lora_alpha", DEFAULT_ALPHA)
     if not _is_number(alpha):
         raise IncompatibleInputError(f"{path}: lora_alpha is {alpha!r}, not a number", _ALPHA_HINT)
     targets = config.get("target_modules")
@@ -147,7 +149,7 @@ def _check_patterns(path: Path, key: str, patterns: dict[str, Any]) -> None:
     """``rank_pattern`` maps module regexes to positive ranks, ``alpha_pattern`` to numbers."""
     for pattern, value in patterns.items():
         try:
-            re.compile(rf"(.*\.)?({pattern})$")
+            _peft_regex(pattern)
         except re.error as exc:
             raise IncompatibleInputError(
                 f"{path}: {key!r} key {pattern!r} is not a valid regular expression ({exc})"
@@ -164,6 +166,20 @@ def _check_patterns(path: Path, key: str, patterns: dict[str, Any]) -> None:
                 f"{path}: 'rank_pattern' value for {pattern!r} must be a positive integer, "
                 f"not {value!r}"
             )
+
+
+def _peft_regex(pattern: str) -> re.Pattern[str]:
+    """PEFT's rule for a ``rank_pattern`` / ``alpha_pattern`` key: the pattern matches the end of
+    the module name, at a ``.`` boundary."""
+    return re.compile(rf"(.*\.)?({pattern})$")
+
+
+def pattern_value(patterns: dict[str, Any] | None, module: str) -> Any | None:
+    """The value of the first key of ``patterns`` that matches ``module`` (PEFT's rule), or None."""
+    for pattern, value in (patterns or {}).items():
+        if pattern == module or _peft_regex(pattern).match(module):
+            return value
+    return None
 
 
 def _collect_modules(
@@ -215,10 +231,22 @@ def _collect_modules(
 
 def expected_rank(config: dict[str, Any], module: str) -> int:
     """The rank PEFT gives ``module``: the first matching ``rank_pattern`` key, else ``r``."""
-    for pattern, rank in (config.get("rank_pattern") or {}).items():
-        if pattern == module or re.match(rf"(.*\.)?({pattern})$", module):
-            return int(rank)
-    return int(config.get("r", 8))
+    rank = pattern_value(config.get("rank_pattern"), module)
+    return int(config.get("r", DEFAULT_RANK) if rank is None else rank)
+
+
+def expected_alpha(config: dict[str, Any], module: str) -> float:
+    """The alpha PEFT gives ``module``: the first matching ``alpha_pattern`` key, else
+    ``lora_alpha`` (both checked to be numbers when the adapter was loaded)."""
+    alpha = pattern_value(config.get("alpha_pattern"), module)
+    return float(config.get("lora_alpha", DEFAULT_ALPHA) if alpha is None else alpha)
+
+
+def scaling(config: dict[str, Any], module: str) -> tuple[int, float, float]:
+    """(rank, alpha, scaling) of ``module`` as PEFT computes them at load time: alpha / r, or
+    alpha / sqrt(r) with rsLoRA."""
+    rank, alpha = expected_rank(config, module), expected_alpha(config, module)
+    return rank, alpha, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
 def _check_module(path: Path, config: dict[str, Any], module: LoraModule) -> None:

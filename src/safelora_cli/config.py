@@ -2,8 +2,8 @@
 
 Precedence, lowest first: a preset (``--preset NAME``, or ``preset = "NAME"`` in the file), a TOML
 run file (``--config FILE``), the flags given on the command line; what is still unset after that
-takes the defaults of ``pipeline.Settings`` (which uses select.py's constants). Nothing here
-imports torch: ``safelora presets`` stays fast.
+takes the defaults of ``settings.Settings``. The keys a file may hold are the options of
+``settings.OPTIONS``. Nothing here imports torch: ``safelora presets`` stays fast.
 
 Presets are TOML files, one per known base/aligned pair. The built-in ones are package data
 (``safelora_cli/presets/``, linked from ``configs/presets`` in the source tree), so an installed
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safelora_cli.errors import UsageError
+from safelora_cli.settings import OPTIONS, SETTING_KEYS, Projection, Settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,28 +33,17 @@ else:  # pragma: no cover - Python 3.10
 if TYPE_CHECKING:
     from importlib.abc import Traversable
 
-    from safelora_cli.pipeline import Settings
-
 PRESET_PATH_ENV = "SAFELORA_PRESET_PATH"
-PAPER = "paper"  # projection.PAPER, repeated so that this module does not import torch
 
 _STR, _INT, _FLOAT = (str,), (int,), (float, int)
+_TOML_TYPES = {int: _INT, float: _FLOAT}  # str and the str Enums of the choices: _STR
 KEY_TYPES: dict[str, tuple[type, ...]] = {
-    "preset": _STR, "base": _STR, "aligned": _STR, "revision": _STR,
-    "select": _STR, "num_layers": _INT, "threshold": _FLOAT,
-    "projection": _STR, "rank": _INT, "energy": _FLOAT,
-    "device": _STR, "adapter_name": _STR, "description": _STR,
-}  # fmt: skip
-SETTING_KEYS = (
-    "select", "num_layers", "threshold", "projection", "rank", "energy", "device", "adapter_name"
-)  # fmt: skip
-"""The keys that become ``pipeline.Settings`` fields."""
-RUN_KEYS = frozenset(KEY_TYPES) - {"description"}
+    **{option.key: _TOML_TYPES.get(option.type, _STR) for option in OPTIONS},
+    "description": _STR,
+}
+RUN_KEYS = frozenset(option.key for option in OPTIONS)
 """Keys a ``--config`` file may hold: every option that says what to compute and on which models."""
-PRESET_KEYS = frozenset(
-    {"description", "base", "aligned", "select", "num_layers", "threshold", "projection"}
-    | {"rank", "energy"}
-)
+PRESET_KEYS = frozenset({"description"} | {option.key for option in OPTIONS if option.preset})
 """Keys a preset may hold: the model pair and its recommended selection/projection."""
 
 
@@ -225,7 +215,7 @@ def merge_layers(*layers: Mapping[str, Any]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for layer in layers:
         values = {key: value for key, value in layer.items() if value is not None}
-        if "rank" in values or "energy" in values or values.get("projection") == PAPER:
+        if "rank" in values or "energy" in values or values.get("projection") == Projection.PAPER:
             merged.pop("rank", None)
             merged.pop("energy", None)
         merged.update(values)
@@ -244,7 +234,7 @@ def resolve_run(
         config_file: a ``--config`` TOML run file.
         presets: the presets to look names up in; default ``load_presets()``.
     Returns:
-        The model pair, validated-later ``Settings``, revision and the preset's name.
+        The model pair, the validated ``Settings``, the revision and the preset's name.
     Raises:
         UsageError: unknown key or preset, or no base/aligned after merging.
     Example:
@@ -267,7 +257,5 @@ def resolve_run(
             "pass the models, a --preset NAME (`safelora presets` lists them), "
             "or base/aligned in a --config file",
         )
-    from safelora_cli.pipeline import Settings
-
     settings = Settings(**{key: merged[key] for key in SETTING_KEYS if key in merged})
     return RunConfig(merged["base"], merged["aligned"], settings, merged.get("revision"), name)

@@ -1,17 +1,99 @@
-"""Display: the rich tables that ``safelora presets`` and ``safelora inspect`` print to stderr.
+"""Display: what the commands show on stderr (progress, the run's summary table, the presets
+and inspect tables), and the result they print to stdout.
 
 CLI side only: the library never imports this module. Each function takes the JSON-ready data
-the library returns (``Preset.describe()``, ``inspection.inspect_adapter``).
+the library returns (reports, ``Preset.describe()``, ``inspection.inspect_adapter``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from safelora_cli.report import SHORT_REASONS
+
+ProgressFn = Any  # pipeline.ProgressFn, without importing torch
+
+
+@contextmanager
+def progress_bar(console: Console, quiet: bool) -> Iterator[ProgressFn | None]:
+    """A transient progress bar over the weights, or None when quiet or not on a terminal."""
+    if quiet or not console.is_terminal:  # off a terminal, rich would only add a blank line
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(done: int, total: int, module: str) -> None:
+            bar.update(task, completed=done, total=total, description=escape(module))
+
+        yield update
+
+
+def summary_table(console: Console, report: dict[str, Any]) -> None:
+    """The projected and skipped modules of one report, with the summary as caption."""
+    summary = report["summary"]
+    shown = [m for m in report["modules"] if m["projected"] or m["skipped"]]
+    table = Table(
+        title=f"safelora: {escape(report['inputs']['adapter']['path'])}: "
+        "projected and skipped modules",
+        caption=(
+            f"{summary['projected']} of {summary['modules']} modules projected, "
+            f"{summary['skipped']} skipped; threshold used {_num(summary['threshold_used'])}; "
+            f"mean Pdst {_num(summary['mean_pdst'])}"
+        ),
+    )
+    table.add_column("module", no_wrap=True)
+    for column in ("cosine", "‖V‖", "‖B‖ before", "‖B‖ after"):
+        table.add_column(column, justify="right")
+    table.add_column("status")
+    for m in shown:
+        status = "projected" if m["projected"] else SHORT_REASONS.get(m["skipped"], "skipped")
+        table.add_row(
+            escape(m["module"]),
+            _num(m["cosine"]),
+            _num(m["v_norm"]),
+            _num(m["b_norm_before"]),
+            _num(m["b_norm_after"]),
+            status,
+        )
+    console.print(table)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def emit_results(
+    console: Console, reports: list[dict[str, Any]], as_json: bool, quiet: bool, batch: bool
+) -> None:
+    """Tables to stderr; to stdout only the result: output path(s), or the report(s) as JSON."""
+    if not quiet:
+        for report in reports:
+            summary_table(console, report)
+    if as_json:
+        sys.stdout.write(json.dumps(reports if batch else reports[0], indent=2) + "\n")
+        return
+    for report in reports:
+        if report["output"] is not None:
+            sys.stdout.write(f"{report['output']}\n")
 
 
 def selection_text(settings: dict[str, Any]) -> str:

@@ -46,6 +46,11 @@ class TensorInfo:
     nbytes: int
     file_size: int  # of the whole file when indexed: a changed file is caught on open
 
+    @property
+    def location(self) -> tuple[str, int]:
+        """Sort key for reading in shard/offset order, the cheapest order to read in."""
+        return (str(self.path), self.offset)
+
 
 @dataclass(frozen=True)
 class SafetensorsHeader:

@@ -9,7 +9,6 @@ would stop on. No tensor data is read and torch is never imported.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
@@ -17,56 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from safelora_cli import __version__
-from safelora_cli.adapter import CONFIG_NAME, Adapter, LoraModule, expected_rank, load_adapter
-from safelora_cli.errors import IncompatibleInputError
+from safelora_cli.adapter import Adapter, LoraModule, load_adapter, scaling
+from safelora_cli.errors import PairingError
 from safelora_cli.index import TensorIndex, TensorInfo, index_folder
-from safelora_cli.pairing import TIED_FALLBACKS, ModulePair, pair_modules
+from safelora_cli.pairing import ModulePair, pair_modules
+from safelora_cli.report import natural_key
 from safelora_cli.resolve import resolve
 
 SCHEMA_VERSION = 1
-DEFAULT_ALPHA = 8  # peft.LoraConfig.lora_alpha
 CONFIG_FIELDS = (
     "peft_type", "base_model_name_or_path", "r", "lora_alpha", "use_rslora", "fan_in_fan_out",
     "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "task_type",
 )  # fmt: skip
 
 
-def expected_alpha(config: dict[str, Any], module: str, where: str = CONFIG_NAME) -> float:
-    """The alpha PEFT gives ``module``: the first matching ``alpha_pattern`` key (the rule of
-    ``adapter.expected_rank``), else ``lora_alpha``.
-
-    Raises:
-        IncompatibleInputError: an alpha that is not a number.
-    """
-    alpha: Any = config.get("lora_alpha", DEFAULT_ALPHA)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if pattern == module or re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-            break
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise IncompatibleInputError(
-            f"{where}: lora_alpha for {module!r} is {alpha!r}, not a number",
-            "'lora_alpha' and the values of 'alpha_pattern' must be numbers",
-        )
-    return float(alpha)
-
-
-def scaling(
-    config: dict[str, Any], module: str, where: str = CONFIG_NAME
-) -> tuple[int, float, float]:
-    """(rank, alpha, scaling) of ``module`` as PEFT computes them at load time."""
-    rank = expected_rank(config, module)
-    alpha = expected_alpha(config, module, where)
-    divisor = math.sqrt(rank) if config.get("use_rslora") else rank
-    return rank, alpha, alpha / divisor
-
-
 def _tensor(info: TensorInfo) -> dict[str, Any]:
     return {"name": info.name, "dtype": info.dtype, "shape": list(info.shape)}
-
-
-def _has_weight(index: TensorIndex, weight: str) -> bool:
-    return weight in index or any(name in index for name in TIED_FALLBACKS.get(weight, ()))
 
 
 def pairing_status(
@@ -76,21 +41,17 @@ def pairing_status(
 
     Without an aligned model the base index stands in for both sides.
     """
-    weight = f"{module.module}.weight"
-    for side, index in (("base", base), ("aligned", aligned)):
-        if index is not None and not _has_weight(index, weight):
-            return None, f"no {weight} in the {side} model"
     try:
         [pair] = pair_modules(replace(adapter, modules=(module,)), base, aligned or base)
-    except IncompatibleInputError as exc:
-        return None, exc.message.removeprefix(f"{module.module}: ")
+    except PairingError as exc:
+        return None, exc.problems[0].problem
     return pair, None
 
 
 def _module_entry(
     adapter: Adapter, module: LoraModule, base: TensorIndex | None, aligned: TensorIndex | None
 ) -> dict[str, Any]:
-    rank, alpha, scale = scaling(adapter.config, module.module, str(adapter.root / CONFIG_NAME))
+    rank, alpha, scale = scaling(adapter.config, module.module)
     entry: dict[str, Any] = {
         "module": module.module,
         "shape": [module.b.shape[0], module.a.shape[1]],
@@ -140,7 +101,7 @@ def inspect_adapter(
             resolved = resolve(str(ref), revision, role=f"--{role}")
             inputs[role] = resolved.describe()
             indexes[role] = index_folder(resolved.path)
-    ordered = sorted(loaded.modules, key=lambda m: _natural_key(m.module))
+    ordered = sorted(loaded.modules, key=lambda m: natural_key(m.module))
     modules = [_module_entry(loaded, m, indexes["base"], indexes["aligned"]) for m in ordered]
     passthrough = [_tensor(loaded.weights.tensors[name]) for name in loaded.passthrough]
     paired = sum(m["paired"] for m in modules) if indexes["base"] is not None else None
@@ -163,11 +124,6 @@ def inspect_adapter(
             "unpaired": None if paired is None else len(modules) - paired,
         },
     }
-
-
-def _natural_key(name: str) -> list[Any]:
-    # report.natural_key's order (layers.2 before layers.10); report.py imports torch
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _counts(values: Iterable[object]) -> dict[str, int]:

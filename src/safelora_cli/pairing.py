@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safelora_cli.adapter import Adapter, LoraModule
-from safelora_cli.errors import IncompatibleInputError
+from safelora_cli.errors import PairingError, PairingProblem
 from safelora_cli.index import FLOAT_DTYPES, TensorIndex, TensorInfo
 
 TIED_FALLBACKS = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight")}
@@ -89,10 +89,12 @@ def pair_modules(adapter: Adapter, base: TensorIndex, aligned: TensorIndex) -> l
     Returns:
         One ``ModulePair`` per LoRA module, in shard/offset order of the base weights.
     Raises:
-        IncompatibleInputError: listing every problem found (the first few, and how many).
+        PairingError: with every module that does not pair in ``problems``; its message lists
+            the first few, and how many.
     """
     missing: dict[str, list[str]] = {"base": [], "aligned": []}
-    problems: list[str] = []
+    problems: list[PairingProblem] = []
+    mismatched: list[str] = []
     pairs = []
     configs = {"base": _model_config(base), "aligned": _model_config(aligned)}
     conv1d_model = configs["base"].get("model_type") in CONV1D_MODEL_TYPES
@@ -102,9 +104,10 @@ def pair_modules(adapter: Adapter, base: TensorIndex, aligned: TensorIndex) -> l
             side: _lookup(index, weight, configs[side].get("tie_word_embeddings") is not False)
             for side, index in (("base", base), ("aligned", aligned))
         }
-        for side, (info, _) in found.items():
-            if info is None:
-                missing[side].append(weight)
+        absent = [side for side, (info, _) in found.items() if info is None]
+        for side in absent:
+            missing[side].append(weight)
+            problems.append(PairingProblem(lora.module, f"no {weight} in the {side} model"))
         (base_info, base_tied), (aligned_info, aligned_tied) = found["base"], found["aligned"]
         if base_info is None or aligned_info is None:
             continue
@@ -112,24 +115,30 @@ def pair_modules(adapter: Adapter, base: TensorIndex, aligned: TensorIndex) -> l
         pair = ModulePair(lora, base_info, aligned_info, transpose, base_tied or aligned_tied)
         problem = _check_pair(pair)
         if problem:
-            problems.append(problem)
+            problems.append(PairingProblem(lora.module, problem))
+            mismatched.append(f"{lora.module}: {problem}")
         else:
             pairs.append(pair)
+    if problems:
+        raise PairingError(
+            problems,
+            _summary(missing, mismatched),
+            "check that --base and --aligned are the models the adapter was trained on",
+        )
+    pairs.sort(key=lambda p: p.base.location)
+    return pairs
+
+
+def _summary(missing: dict[str, list[str]], shape_problems: list[str]) -> str:
     messages = [
         f"{len(names)} adapter module(s) have no weight in the {side} model ({_first(names)})"
         for side, names in missing.items()
         if names
     ]
-    messages += problems[:_SHOW]
-    if len(problems) > _SHOW:
-        messages.append(f"and {len(problems) - _SHOW} more shape/dtype problems")
-    if messages:
-        raise IncompatibleInputError(
-            "; ".join(messages),
-            "check that --base and --aligned are the models the adapter was trained on",
-        )
-    pairs.sort(key=lambda p: (str(p.base.path), p.base.offset))
-    return pairs
+    messages += shape_problems[:_SHOW]
+    if len(shape_problems) > _SHOW:
+        messages.append(f"and {len(shape_problems) - _SHOW} more shape/dtype problems")
+    return "; ".join(messages)
 
 
 def _first(names: list[str]) -> str:
@@ -141,7 +150,7 @@ def _check_pair(pair: ModulePair) -> str | None:
     base, aligned = pair.base, pair.aligned
     if base.shape != aligned.shape:
         return (
-            f"{pair.name}: base {list(base.shape)} ({base.path.name}) and aligned "
+            f"base {list(base.shape)} ({base.path.name}) and aligned "
             f"{list(aligned.shape)} ({aligned.path.name}) differ in shape"
         )
     for info in (base, aligned):
@@ -154,7 +163,7 @@ def _check_pair(pair: ModulePair) -> str | None:
     if base.shape != stored:
         layout = " (fan_in_fan_out: stored as in x out)" if pair.transpose else ""
         return (
-            f"{pair.name}: lora_B @ lora_A is {list(pair.shape)} but the base weight is "
+            f"lora_B @ lora_A is {list(pair.shape)} but the base weight is "
             f"{list(base.shape)}{layout}"
         )
     return None

@@ -1,5 +1,5 @@
 """Pipeline: the only place the steps meet. resolve -> index -> pair -> stream -> project ->
-select -> write -> report, in one direction.
+select -> report -> write, in one direction.
 
 Several adapters against one model pair share the stream: each base/aligned weight is read once
 and V is applied to every adapter that targets it.
@@ -8,77 +8,36 @@ and V is applied to every adapter that targets it.
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from safelora_cli import report as reporting
-from safelora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, load_adapter
-from safelora_cli.errors import CorruptFileError, NumericalError, UsageError
-from safelora_cli.index import PICKLE_SUFFIXES, TensorIndex, TensorInfo, index_folder
+from safelora_cli.adapter import Adapter, load_adapter
+from safelora_cli.errors import NumericalError, UsageError
+from safelora_cli.index import TensorIndex, TensorInfo, index_folder
 from safelora_cli.loader import TORCH_DTYPES, TensorReader
 from safelora_cli.pairing import ModulePair, pair_modules
-from safelora_cli.projection import (
-    PAPER,
-    SUBSPACE,
-    ModuleScore,
-    ProjectionSpec,
-    score_module,
-)
+from safelora_cli.projection import ModuleScore, score_module
 from safelora_cli.resolve import ResolvedInput, resolve
-from safelora_cli.select import (
-    DEFAULT_NUM_LAYERS,
-    DEFAULT_THRESHOLD,
-    check_selection,
-    select_modules,
-)
+from safelora_cli.selection import select_modules
+from safelora_cli.settings import Settings
 from safelora_cli.stream import alignment_stream
 from safelora_cli.writer import (
+    OutputFolder,
     cast_checked,
     check_output,
     check_report_path,
-    staged_output,
-    write_adapter_weights,
+    write_adapter,
     write_json,
 )
 
 ProgressFn = Callable[[int, int, str], None]
 """Called as ``progress(done, total, weight)`` after each base/aligned weight is processed."""
 PathLike = str | Path
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What to compute: selection, projection and device. Defaults follow the official code."""
-
-    select: str = "number"
-    num_layers: int = DEFAULT_NUM_LAYERS
-    threshold: float = DEFAULT_THRESHOLD
-    projection: str = PAPER
-    rank: int | None = None
-    energy: float | None = None
-    device: str = "auto"
-    adapter_name: str | None = None
-
-    def projection_spec(self) -> ProjectionSpec:
-        """The projector, validated: subspace needs exactly one of rank and energy."""
-        if self.projection == PAPER:
-            if self.rank is not None or self.energy is not None:
-                raise UsageError("--rank/--energy apply to --projection subspace only")
-            return ProjectionSpec()
-        if self.projection != SUBSPACE:
-            raise UsageError(f"--projection {self.projection!r} is not 'paper' or 'subspace'")
-        if (self.rank is None) == (self.energy is None):
-            raise UsageError("--projection subspace needs one of --rank K or --energy E")
-        if self.rank is not None and self.rank < 1:
-            raise UsageError(f"--rank {self.rank} must be at least 1")
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise UsageError(f"--energy {self.energy} must be in (0, 1]")
-        return ProjectionSpec(SUBSPACE, self.rank, self.energy)
 
 
 @dataclass(frozen=True)
@@ -92,19 +51,39 @@ class AdapterJob:
 
 @dataclass(frozen=True)
 class Job:
-    """Everything validated before the heavy read: inputs, indexes and module pairs."""
+    """Everything validated before the heavy read: inputs, indexes, module pairs, settings."""
 
     base_input: ResolvedInput
     aligned_input: ResolvedInput
     base: TensorIndex
     aligned: TensorIndex
     adapters: list[AdapterJob]
-    spec: ProjectionSpec = field(default_factory=ProjectionSpec)
+    settings: Settings
 
     def local_inputs(self) -> list[Path]:
         return [self.base_input.path, self.aligned_input.path] + [
             a.input.path for a in self.adapters
         ]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One adapter after scoring and selection: what the report and the writer need."""
+
+    job: AdapterJob
+    scores: dict[str, ModuleScore]
+    selected: set[str]
+    threshold_used: float | None
+
+    def replaced_factors(self) -> dict[str, torch.Tensor]:
+        """lora_B tensor name -> projected B in the adapter's dtype, for the selected modules."""
+        replaced = {}
+        for pair in self.job.pairs:
+            projected = self.scores[pair.name].projected_b
+            if pair.name in self.selected and projected is not None:
+                info = pair.lora.b
+                replaced[info.name] = cast_checked(info.name, projected, TORCH_DTYPES[info.dtype])
+        return replaced
 
 
 @dataclass(frozen=True)
@@ -143,36 +122,33 @@ def prepare(
     settings: Settings,
     revision: str | None = None,
 ) -> Job:
-    """Resolve, index and pair every input; validate settings. Reads headers only.
+    """Resolve, index and pair every input. Reads headers only.
 
     Every adapter is validated before anything heavy is read: one bad adapter stops the run,
     named in the error.
     """
     if not adapters:
         raise UsageError("no ADAPTER given")
-    spec = settings.projection_spec()
     loaded = []
     for ref in adapters:
         adapter_input = resolve(str(ref), revision=None, role="ADAPTER")
         adapter = load_adapter(adapter_input.path, settings.adapter_name)
-        check_selection(
-            settings.select, settings.num_layers, settings.threshold, len(adapter.modules)
-        )
+        settings.check_modules(len(adapter.modules))
         loaded.append((adapter_input, adapter))
     base_input = resolve(str(base), revision, role="--base")
     aligned_input = resolve(str(aligned), revision, role="--aligned")
     base_index, aligned_index = index_folder(base_input.path), index_folder(aligned_input.path)
     jobs = [AdapterJob(i, a, pair_modules(a, base_index, aligned_index)) for i, a in loaded]
-    return Job(base_input, aligned_input, base_index, aligned_index, jobs, spec)
+    return Job(base_input, aligned_input, base_index, aligned_index, jobs, settings)
 
 
 def _weight_groups(job: Job) -> list[list[tuple[int, ModulePair]]]:
-    """Pairs grouped by base weight (each group needs one V), in shard/offset order."""
+    """(adapter index, pair) grouped by base weight (each group needs one V), in shard order."""
     groups: dict[str, list[tuple[int, ModulePair]]] = {}
-    for k, adapter_job in enumerate(job.adapters):
+    for adapter_index, adapter_job in enumerate(job.adapters):
         for pair in adapter_job.pairs:
-            groups.setdefault(pair.base.name, []).append((k, pair))
-    return sorted(groups.values(), key=lambda g: (str(g[0][1].base.path), g[0][1].base.offset))
+            groups.setdefault(pair.base.name, []).append((adapter_index, pair))
+    return sorted(groups.values(), key=lambda group: group[0][1].base.location)
 
 
 def _read_factor(reader: TensorReader, info: TensorInfo, device: torch.device) -> torch.Tensor:
@@ -208,40 +184,75 @@ def compute_scores(
     scores: list[dict[str, ModuleScore]] = [{} for _ in job.adapters]
     groups = _weight_groups(job)
     leaders = [group[0][1] for group in groups]
+    spec = job.settings.projection_spec
     with torch.inference_mode(), TensorReader() as adapter_reader:
         for done, (group, (_, v, v_norm)) in enumerate(
             zip(groups, alignment_stream(leaders, device), strict=True), start=1
         ):
-            for k, pair in group:
+            for adapter_index, pair in group:
                 a = _read_factor(adapter_reader, pair.lora.a, device)
                 b = _read_factor(adapter_reader, pair.lora.b, device)
-                score = score_module(v.T if pair.transpose else v, a, b, job.spec, v_norm)
+                score = score_module(v.T if pair.transpose else v, a, b, spec, v_norm)
                 if not math.isfinite(score.v_norm):
                     raise _non_finite_weight(pair)
-                scores[k][pair.name] = score
+                scores[adapter_index][pair.name] = score
             del v
             if progress is not None:
                 progress(done, len(groups), group[0][1].base.name)
     return scores
 
 
-def _select(scores: dict[str, ModuleScore], settings: Settings) -> tuple[set[str], float | None]:
-    cosines = {name: s.cosine for name, s in scores.items() if s.cosine is not None}
-    return select_modules(cosines, settings.select, settings.num_layers, settings.threshold)
-
-
-def _score_job(
-    job: Job, settings: Settings, progress: ProgressFn | None, outputs: Sequence[Path | None]
-) -> list[tuple[dict[str, Any], set[str], dict[str, ModuleScore]]]:
-    device = resolve_device(settings.device)
-    results = []
-    for adapter_job, scores, output in zip(
-        job.adapters, compute_scores(job, device, progress), outputs, strict=True
+def score_job(job: Job, device: torch.device, progress: ProgressFn | None = None) -> list[Scored]:
+    """Score every adapter of the job and select its modules to project."""
+    settings = job.settings
+    scored = []
+    for adapter_job, scores in zip(
+        job.adapters, compute_scores(job, device, progress), strict=True
     ):
-        selected, used = _select(scores, settings)
-        report = reporting.build(job, adapter_job, settings, device, scores, selected, used, output)
-        results.append((report, selected, scores))
-    return results
+        cosines = {name: s.cosine for name, s in scores.items() if s.cosine is not None}
+        selected, used = select_modules(
+            cosines, settings.select, settings.num_layers, settings.threshold
+        )
+        scored.append(Scored(adapter_job, scores, selected, used))
+    return scored
+
+
+def _record(pair: ModulePair, score: ModuleScore) -> reporting.ModuleRecord:
+    return reporting.ModuleRecord(
+        module=pair.name,
+        weight=pair.base.name,
+        shape=pair.shape,
+        rank=pair.lora.rank,
+        cosine=score.cosine,
+        skipped=score.skipped,
+        v_norm=score.v_norm,
+        b_norm=score.b_norm,
+        projected_b_norm=score.projected_b_norm,
+        distance=score.distance,
+        tied=pair.tied,
+        transposed=pair.transpose,
+        subspace_rank=score.subspace_rank,
+        captured_energy=score.captured_energy,
+    )
+
+
+def build_report(
+    job: Job, scored: Scored, device: torch.device, output: Path | None
+) -> dict[str, Any]:
+    """The report of one scored adapter (``output``: where it is written, None for ``score``)."""
+    return reporting.build(
+        settings=job.settings.describe(str(device)),
+        inputs={
+            "base": job.base_input.describe(),
+            "aligned": job.aligned_input.describe(),
+            "adapter": scored.job.input.describe(),
+        },
+        records=[_record(pair, scored.scores[pair.name]) for pair in scored.job.pairs],
+        selected=scored.selected,
+        threshold_used=scored.threshold_used,
+        passthrough=scored.job.adapter.passthrough,
+        output=str(output) if output is not None else None,
+    )
 
 
 def score_many(
@@ -254,8 +265,11 @@ def score_many(
 ) -> list[Result]:
     """Score several adapters against one model pair (each weight read once); writes nothing."""
     job = prepare(adapters, base, aligned, settings, revision)
-    outputs = [None] * len(job.adapters)
-    return [Result(report, None) for report, _, _ in _score_job(job, settings, progress, outputs)]
+    device = resolve_device(settings.device)
+    return [
+        Result(build_report(job, scored, device, None), None)
+        for scored in score_job(job, device, progress)
+    ]
 
 
 def batch_outputs(adapters: Sequence[Path], output_dir: Path) -> list[Path]:
@@ -272,6 +286,15 @@ def batch_outputs(adapters: Sequence[Path], output_dir: Path) -> list[Path]:
     return [output_dir / a.name for a in adapters]
 
 
+def _write(
+    scored: Scored, report: dict[str, Any], output: Path, force: bool, in_folder: bool
+) -> None:
+    with OutputFolder(output, force=force) as out:
+        write_adapter(out, scored.job.adapter, scored.replaced_factors())
+        if in_folder:
+            out.write_report(report)
+
+
 def patch_many(
     adapters: Sequence[PathLike],
     base: PathLike,
@@ -285,7 +308,9 @@ def patch_many(
 ) -> list[Result]:
     """Patch several adapters in one pass over the model pair.
 
-    Each patched adapter goes to ``output_dir/<adapter folder name>`` with its own report.
+    Each patched adapter goes to ``output_dir/<adapter folder name>`` with its own report. The
+    outputs are written one after the other once every adapter is scored: if one fails, those
+    before it stay, complete, and none after it is written.
     """
     job = prepare(adapters, base, aligned, settings, revision)
     output_dir = Path(output_dir)
@@ -295,14 +320,14 @@ def patch_many(
     if not created:
         for output in outputs:
             check_output(output, job.local_inputs(), force)
-    scored = _score_job(job, settings, progress, outputs)
+    device = resolve_device(settings.device)
+    scored = score_job(job, device, progress)
     output_dir.mkdir(exist_ok=True)
     results = []
     try:
-        for adapter_job, (report, selected, scores), output in zip(
-            job.adapters, scored, outputs, strict=True
-        ):
-            _write(adapter_job, report, selected, scores, output, None)
+        for adapter_scored, output in zip(scored, outputs, strict=True):
+            report = build_report(job, adapter_scored, device, output)
+            _write(adapter_scored, report, output, force, in_folder=True)
             results.append(Result(report, output))
     except BaseException:
         if created and not any(output_dir.iterdir()):
@@ -346,8 +371,12 @@ def patch(
     report_file = Path(report_path) if report_path is not None else None
     if report_file is not None:
         check_report_path(report_file, job.local_inputs())
-    [(report, selected, scores)] = _score_job(job, settings, progress, [output])
-    _write(job.adapters[0], report, selected, scores, output, report_file)
+    device = resolve_device(settings.device)
+    [scored] = score_job(job, device, progress)
+    report = build_report(job, scored, device, output)
+    _write(scored, report, output, force, in_folder=report_file is None)
+    if report_file is not None:
+        write_json(report_file, report)
     return Result(report, output)
 
 
@@ -362,40 +391,3 @@ def score(
     """Score one adapter without writing anything. See ``patch`` for the arguments."""
     [result] = score_many([adapter], base, aligned, settings, revision, progress)
     return result
-
-
-def _write(
-    adapter_job: AdapterJob,
-    report: dict[str, Any],
-    selected: set[str],
-    scores: dict[str, ModuleScore],
-    output: Path,
-    report_file: Path | None,
-) -> None:
-    adapter = adapter_job.adapter
-    replaced = {}
-    for pair in adapter_job.pairs:
-        projected = scores[pair.name].projected_b
-        if pair.name in selected and projected is not None:
-            info = pair.lora.b
-            replaced[info.name] = cast_checked(info.name, projected, TORCH_DTYPES[info.dtype])
-    with staged_output(output) as stage:
-        with TensorReader() as reader:
-            tensors = {
-                name: replaced[name] if name in replaced else reader.read(info)
-                for name, info in adapter.weights.tensors.items()
-            }
-            write_adapter_weights(stage / WEIGHTS_NAME, tensors, adapter.weights.metadata)
-        for src in sorted(adapter.root.iterdir()):
-            # pickled weights would be stale, unpatched copies that some loaders prefer
-            skip = (
-                src.name in (WEIGHTS_NAME, reporting.REPORT_NAME) or src.suffix in PICKLE_SUFFIXES
-            )
-            if src.is_file() and not skip:
-                shutil.copyfile(src, stage / src.name)
-        if not (stage / CONFIG_NAME).is_file():
-            raise CorruptFileError(f"{adapter.root / CONFIG_NAME}: removed during the run")
-        if report_file is None:
-            write_json(stage / reporting.REPORT_NAME, report)
-    if report_file is not None:
-        write_json(report_file, report)

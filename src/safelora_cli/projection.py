@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-ZERO_V = "base and aligned identical"
-ZERO_DELTA = "LoRA delta is zero"
-PAPER = "paper"
-SUBSPACE = "subspace"
+from safelora_cli.report import ZERO_DELTA, ZERO_V
+from safelora_cli.settings import Projection, ProjectionSpec
+
 EXACT_SVD_MAX_DIM = 256  # below this min(out, in), a full SVD is cheaper than a randomized one
 # The randomized sketch has k + max(OVERSAMPLE, k) columns and POWER_ITERATIONS power steps: on a
 # slowly decaying spectrum (600 x 500, σ_i = 1/sqrt(i), k = 32) U_k U_kᵀ B is then within 5e-3 of
@@ -30,15 +29,6 @@ POWER_ITERATIONS = 6
 # σ² of a float32 V are known to about this share of ‖V‖²_F: --energy 1 picks V's numerical rank
 # rather than min(out, in).
 ENERGY_TOLERANCE = 1e-6
-
-
-@dataclass(frozen=True)
-class ProjectionSpec:
-    """Which projector P to use: the paper's Ĉ, or U_k U_kᵀ with k from ``rank`` or ``energy``."""
-
-    kind: str = PAPER
-    rank: int | None = None
-    energy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -221,7 +211,7 @@ def score_module(
         reason = ZERO_V if v_norm == 0.0 else None
         return ModuleScore(None, None, v_norm, b_norm, b_norm, 0.0, reason)
     k, captured = None, None
-    if spec.kind == SUBSPACE:
+    if spec.kind is Projection.SUBSPACE:
         u, captured = subspace_basis(v, v_norm, spec.rank, spec.energy)
         k, pb = u.shape[1], u @ (u.T @ b32)
     else:

@@ -1,22 +1,24 @@
-"""Report: the schema-versioned JSON record of a run (shared/DESIGN.md, "Report")."""
+"""Report: the schema-versioned JSON record of a run, built from plain values (no torch).
+
+The schema is documented in README.md ("Report"); ``SCHEMA_VERSION`` changes when a field is
+removed or changes meaning, not when one is added.
+"""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import torch
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from safelora_cli import __version__
-from safelora_cli.projection import ModuleScore
-
-if TYPE_CHECKING:
-    from safelora_cli.pairing import ModulePair
-    from safelora_cli.pipeline import AdapterJob, Job, Settings
 
 SCHEMA_VERSION = 1
 REPORT_NAME = "safelora_report.json"
+ZERO_V = "base and aligned identical"
+ZERO_DELTA = "LoRA delta is zero"
+SHORT_REASONS = {ZERO_V: "skipped: V = 0", ZERO_DELTA: "skipped: BA = 0"}
+"""Why a module is skipped (the report's ``skipped``), and how a table says it in short."""
 FUSED = frozenset({"qkv_proj", "gate_up_proj", "c_attn", "query_key_value", "Wqkv", "W_pack"})
 
 
@@ -25,68 +27,87 @@ def natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def module_entry(pair: ModulePair, score: ModuleScore, projected: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ModuleRecord:
+    """What the report says of one module: where it is, and how it scored.
+
+    ``cosine`` is None when the module was skipped (``skipped`` says why); ``distance`` is
+    ‖B − P B‖_F, from which Pdst follows.
+    """
+
+    module: str
+    weight: str
+    shape: tuple[int, int]
+    rank: int
+    cosine: float | None
+    skipped: str | None
+    v_norm: float
+    b_norm: float
+    projected_b_norm: float
+    distance: float
+    tied: bool = False
+    transposed: bool = False
+    subspace_rank: int | None = None
+    captured_energy: float | None = None
+
+
+def module_entry(record: ModuleRecord, projected: bool) -> dict[str, Any]:
     """One ``modules`` row. Pdst is 1 / (1 + ‖B_final − P B‖_F), as in the official code."""
-    scored = score.cosine is not None
+    scored = record.cosine is not None
     entry = {
-        "module": pair.name,
-        "weight": pair.base.name,
-        "shape": list(pair.shape),
-        "rank": pair.lora.rank,
-        "cosine": score.cosine,
+        "module": record.module,
+        "weight": record.weight,
+        "shape": list(record.shape),
+        "rank": record.rank,
+        "cosine": record.cosine,
         "projected": projected,
-        "skipped": score.skipped,
-        "v_norm": score.v_norm,
-        "b_norm_before": score.b_norm,
-        "b_norm_after": score.projected_b_norm if projected else score.b_norm,
-        "pdst": (1.0 if projected else 1.0 / (1.0 + score.distance)) if scored else None,
-        "fused": pair.name.rsplit(".", 1)[-1] in FUSED,
-        "tied": pair.tied,
-        "transposed": pair.transpose,
+        "skipped": record.skipped,
+        "v_norm": record.v_norm,
+        "b_norm_before": record.b_norm,
+        "b_norm_after": record.projected_b_norm if projected else record.b_norm,
+        "pdst": (1.0 if projected else 1.0 / (1.0 + record.distance)) if scored else None,
+        "fused": record.module.rsplit(".", 1)[-1] in FUSED,
+        "tied": record.tied,
+        "transposed": record.transposed,
     }
-    if score.subspace_rank is not None:
-        entry["subspace_rank"] = score.subspace_rank
-        entry["captured_energy"] = score.captured_energy
+    if record.subspace_rank is not None:
+        entry["subspace_rank"] = record.subspace_rank
+        entry["captured_energy"] = record.captured_energy
     return entry
 
 
 def build(
-    job: Job,
-    adapter_job: AdapterJob,
-    settings: Settings,
-    device: torch.device,
-    scores: dict[str, ModuleScore],
+    *,
+    settings: dict[str, Any],
+    inputs: dict[str, Any],
+    records: Iterable[ModuleRecord],
     selected: set[str],
     threshold_used: float | None,
-    output: Path | None,
+    passthrough: Iterable[str],
+    output: str | None,
 ) -> dict[str, Any]:
-    """Assemble the report from a finished scoring run."""
+    """Assemble the report of one adapter from a finished scoring run.
+
+    Args:
+        settings: ``Settings.describe(device)``.
+        inputs: role ("base", "aligned", "adapter") -> ``ResolvedInput.describe()``.
+        records: one per module, any order (the report sorts them by name, naturally).
+        selected: the modules projected; threshold_used: the cut the selection used.
+        passthrough: tensors copied through unchanged; output: the output folder, if any.
+    """
     modules = [
-        module_entry(p, scores[p.name], p.name in selected)
-        for p in sorted(adapter_job.pairs, key=lambda p: natural_key(p.name))
+        module_entry(r, r.module in selected)
+        for r in sorted(records, key=lambda r: natural_key(r.module))
     ]
     pdsts = [m["pdst"] for m in modules if m["pdst"] is not None]
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "safelora", "version": __version__},
-        "settings": {
-            "select": settings.select,
-            "num_layers": settings.num_layers if settings.select == "number" else None,
-            "threshold": settings.threshold if settings.select == "threshold" else None,
-            "projection": settings.projection,
-            "rank": settings.rank,
-            "energy": settings.energy,
-            "device": str(device),
-            "adapter_name": settings.adapter_name,
-        },
-        "inputs": {
-            "base": job.base_input.describe(),
-            "aligned": job.aligned_input.describe(),
-            "adapter": adapter_job.input.describe(),
-        },
-        "output": str(output) if output is not None else None,
+        "settings": settings,
+        "inputs": inputs,
+        "output": output,
         "modules": modules,
-        "passthrough": list(adapter_job.adapter.passthrough),
+        "passthrough": list(passthrough),
         "summary": {
             "modules": len(modules),
             "projected": sum(m["projected"] for m in modules),

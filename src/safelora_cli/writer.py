@@ -1,8 +1,12 @@
-"""Writer: the output folder, staged beside its target and moved into place only when complete.
+"""Writer: owns the output folder, from the checks before any work to the atomic publish.
 
-A failure, Ctrl-C or SIGTERM at any point removes the staging folder: the target is either
-untouched or complete. ``--force`` replaces only the files safelora writes; anything else already
-in the folder is left alone.
+``OutputFolder`` stages every file in a folder beside the target and publishes it only when the
+``with`` block ends without an exception; on any failure, Ctrl-C or SIGTERM included, the staging
+folder is removed and the target is untouched. Publishing is atomic against other runs: without
+``--force`` the staging folder is renamed onto the target, which fails if the target appeared
+(non-empty) during the run; with ``--force`` the old folder is swapped out in one step under a lock,
+so the target never holds a mix of two runs' files (files safelora did not write are carried over).
+What goes into an adapter folder (the copy policy) is ``write_adapter``'s.
 """
 
 from __future__ import annotations
@@ -13,18 +17,31 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from safelora_cli.errors import FilesystemError, NumericalError
+from safelora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter
+from safelora_cli.errors import CorruptFileError, FilesystemError, Interrupted, NumericalError
+from safelora_cli.index import PICKLE_SUFFIXES
+from safelora_cli.loader import TensorReader
+from safelora_cli.report import REPORT_NAME
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: publishing is then not serialized between runs
+    fcntl = None  # type: ignore[assignment]
 
 STAGE_PREFIX = ".safelora-tmp-"
+_OLD_PREFIX = ".safelora-old-"
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
@@ -74,30 +91,171 @@ def check_report_path(path: Path, inputs: list[Path]) -> None:
         raise FilesystemError(f"--report {path}: cannot write in {resolved.parent}")
 
 
-@contextmanager
-def staged_output(target: Path) -> Iterator[Path]:
-    """Yield a staging folder beside ``target``; on success move its files into ``target``.
+class OutputFolder(AbstractContextManager["OutputFolder"]):
+    """A new output folder: written in ``path`` (the staging folder), published on success.
 
-    On any exception (KeyboardInterrupt included) the staging folder is removed and the
-    exception propagates; ``target`` is not touched.
+    Example:
+        >>> with OutputFolder(Path("out"), force=False) as out:
+        ...     out.save_tensors("adapter_model.safetensors", tensors)
+        ...     out.write_report(report)
     """
-    parent = target.resolve().parent
-    # named before it exists: an interrupt landing just after mkdir still knows what to remove
-    stage = parent / f"{STAGE_PREFIX}{target.name}-{secrets.token_hex(8)}"
+
+    def __init__(self, target: Path, *, force: bool = False) -> None:
+        self.target = target
+        self.force = force
+        self.parent = target.resolve().parent
+        # named before it exists: an interrupt landing just after mkdir still knows what to remove
+        self.path = self.parent / f"{STAGE_PREFIX}{target.name}-{secrets.token_hex(8)}"
+
+    def __enter__(self) -> OutputFolder:
+        try:
+            self.path.mkdir(mode=0o700)
+        except OSError as exc:  # FileExistsError included: never remove a folder that is not ours
+            raise _fs_error(self.target, exc) from exc
+        except BaseException:
+            _remove(self.path)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc is None:
+                self._publish()
+            elif isinstance(exc, OSError):  # writing a file failed: disk full, permissions
+                raise _fs_error(self.target, exc) from exc
+        except OSError as error:
+            raise _fs_error(self.target, error) from error
+        finally:
+            _remove(self.path)
+
+    def save_tensors(
+        self, name: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None
+    ) -> None:
+        """Write a safetensors file; tensor data is written byte for byte as given."""
+        path = self.path / name
+        try:
+            save_file(dict(tensors), str(path), metadata=metadata)
+        except Exception as exc:  # safetensors reports I/O failures (disk full) as its own error
+            found = _OS_ERROR.search(str(exc))
+            if found is None:
+                raise
+            code = int(found[1])
+            raise OSError(code, os.strerror(code), str(path)) from exc
+
+    def copy_files(self, source: Path, skip: set[str]) -> None:
+        """Copy ``source``'s regular files (not ``skip``, never pickles) into the output."""
+        for src in sorted(source.iterdir()):
+            # pickled weights would be stale, unpatched copies that some loaders prefer
+            if src.is_file() and src.name not in skip and src.suffix not in PICKLE_SUFFIXES:
+                shutil.copyfile(src, self.path / src.name)
+
+    def write_report(self, report: dict[str, Any]) -> None:
+        """Write the report last, listing every file of the output (``files``)."""
+        report["files"] = sorted({p.name for p in self.path.iterdir()} | {REPORT_NAME})
+        write_json(self.path / REPORT_NAME, report)
+
+    def _publish(self) -> None:
+        for path in self.path.iterdir():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        with _publish_lock(self.parent), _deferred_signals() as caught:
+            if self.force and _has_entries(self.target):
+                self._swap()
+            else:
+                self._rename()
+        if caught:
+            raise Interrupted(
+                f"interrupted just after {self.target} was written; it is complete",
+                "run again with --force if in doubt",
+            )
+
+    def _rename(self) -> None:
+        try:
+            os.rename(self.path, self.target)  # onto a missing or empty folder only
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise FilesystemError(
+                f"--output {self.target}: appeared during the run and is not empty; "
+                "it was left as it is and nothing was written",
+                "another run may be writing there; choose a new folder, or pass --force",
+            ) from exc
+
+    def _swap(self) -> None:
+        """Carry over the files of the old folder that safelora did not write, then swap."""
+        ours = set(_previous_files(self.target)) | {p.name for p in self.path.iterdir()}
+        carried = [entry.name for entry in self.target.iterdir() if entry.name not in ours]
+        old = self.parent / f"{_OLD_PREFIX}{self.target.name}-{secrets.token_hex(8)}"
+        moved: list[str] = []
+        try:
+            for name in carried:
+                os.rename(self.target / name, self.path / name)
+                moved.append(name)
+            os.rename(self.target, old)
+        except BaseException:
+            for name in moved:  # the user's files go back where they were
+                os.rename(self.path / name, self.target / name)
+            raise
+        try:
+            os.rename(self.path, self.target)
+        except BaseException:
+            os.rename(old, self.target)
+            for name in moved:
+                os.rename(self.path / name, self.target / name)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _has_entries(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _previous_files(target: Path) -> list[str]:
+    """The files an earlier safelora run wrote into ``target``, from its report's ``files``."""
     try:
-        stage.mkdir(mode=0o700)
-    except OSError as exc:  # FileExistsError included: never remove a folder that is not ours
-        raise _fs_error(target, exc) from exc
-    except BaseException:
-        _remove(stage)
-        raise
+        files = json.loads((target / REPORT_NAME).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+
+
+@contextmanager
+def _publish_lock(parent: Path) -> Iterator[None]:
+    """Serialize publishing between safelora runs writing into the same parent folder."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(parent, os.O_RDONLY)
     try:
-        yield stage
-        _publish(stage, target)
-    except OSError as exc:
-        raise _fs_error(target, exc) from exc
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        _remove(stage)
+        os.close(fd)
+
+
+@contextmanager
+def _deferred_signals() -> Iterator[list[int]]:
+    """Hold SIGINT/SIGTERM back while the output is being moved into place (a few renames), so
+    that an interrupt never leaves it half-swapped; yields the signals that arrived meanwhile."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _remove(stage: Path) -> None:
@@ -109,22 +267,6 @@ def _remove(stage: Path) -> None:
         raise
 
 
-def _publish(stage: Path, target: Path) -> None:
-    for path in stage.iterdir():
-        with path.open("rb") as fh:
-            os.fsync(fh.fileno())
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if not target.exists():
-        stage.rename(target)
-        return
-    # --force on a non-empty folder: replace only our files, the report last.
-    names = sorted(p.name for p in stage.iterdir())
-    names.sort(key=lambda n: n.endswith("report.json"))
-    for name in names:
-        os.replace(stage / name, target / name)
-
-
 def _fs_error(target: Path, exc: OSError) -> FilesystemError:
     if exc.errno == errno.ENOSPC:
         return FilesystemError(
@@ -134,26 +276,28 @@ def _fs_error(target: Path, exc: OSError) -> FilesystemError:
     return FilesystemError(f"--output {target}: {exc.strerror or exc} ({exc.filename or target})")
 
 
-def write_adapter_weights(
-    path: Path,
-    tensors: Mapping[str, torch.Tensor],
-    metadata: dict[str, str] | None,
+def write_adapter(
+    out: OutputFolder, adapter: Adapter, replaced: Mapping[str, torch.Tensor]
 ) -> None:
-    """Write the adapter's safetensors file; tensor data is written byte for byte as given.
+    """Write a patched adapter: its tensors with ``replaced`` ones swapped in (every other one
+    byte-identical), ``adapter_config.json`` and the folder's other files.
 
     Args:
-        path: destination file.
-        tensors: name -> tensor, in the adapter's own dtypes.
-        metadata: the original file's ``__metadata__`` (kept as is).
+        out: the output being written.
+        adapter: the input adapter.
+        replaced: tensor name -> new value, already in the adapter's dtype (``cast_checked``).
+    Raises:
+        CorruptFileError: the adapter's config disappeared during the run.
     """
-    try:
-        save_file(dict(tensors), str(path), metadata=metadata)
-    except Exception as exc:  # safetensors reports I/O failures (disk full) as its own error
-        found = _OS_ERROR.search(str(exc))
-        if found is None:
-            raise
-        code = int(found[1])
-        raise OSError(code, os.strerror(code), str(path)) from exc
+    with TensorReader() as reader:
+        tensors = {
+            name: replaced[name] if name in replaced else reader.read(info)
+            for name, info in adapter.weights.tensors.items()
+        }
+        out.save_tensors(WEIGHTS_NAME, tensors, adapter.weights.metadata)
+    out.copy_files(adapter.root, skip={WEIGHTS_NAME, REPORT_NAME})
+    if not (out.path / CONFIG_NAME).is_file():
+        raise CorruptFileError(f"{adapter.root / CONFIG_NAME}: removed during the run")
 
 
 def cast_checked(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""``safelora inspect``: what an adapter holds and whether it pairs, from headers only."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from safelora_cli.cli._app import app, stderr
+from safelora_cli.cli._errors import errors_to_exit
+from safelora_cli.cli._options import AdapterNameOpt, RevisionOpt
+from safelora_cli.errors import IncompatibleInputError, UsageError
+
+EXAMPLES = """\b
+Examples:
+  safelora inspect ./my-lora
+  safelora inspect ./my-lora --base meta-llama/Llama-2-7b-hf   # does every module pair?
+  safelora inspect ./my-lora --json | jq '.summary'
+"""
+
+
+@app.command("inspect", epilog=EXAMPLES)
+def inspect_command(
+    adapter: Annotated[
+        str,
+        typer.Argument(help="PEFT LoRA adapter folder.", show_default=False, metavar="ADAPTER"),
+    ],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Also check that every module pairs with this model."),
+    ] = None,
+    aligned: Annotated[
+        str | None,
+        typer.Option("--aligned", help="Also pair against this aligned model (needs --base)."),
+    ] = None,
+    revision: RevisionOpt = None,
+    adapter_name: AdapterNameOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the description to stdout.")
+    ] = False,
+) -> None:
+    """Show ADAPTER's modules, ranks, scaling, dtypes and passthrough tensors (headers only).
+
+    With --base, exits 4 after the listing when a module has no matching base weight.
+    """
+    with errors_to_exit():
+        if aligned is not None and base is None:
+            raise UsageError("--aligned needs --base", "give both models, or only --base")
+        from safelora_cli.inspection import inspect_adapter
+
+        info = inspect_adapter(adapter, base, aligned, revision=revision, adapter_name=adapter_name)
+        if as_json:
+            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        else:
+            from safelora_cli.display import inspect_tables
+
+            inspect_tables(stderr, info)
+        unpaired = [m for m in info["modules"] if m.get("paired") is False]
+        if unpaired:
+            first = unpaired[0]
+            raise IncompatibleInputError(
+                f"{adapter}: {len(unpaired)} of {len(info['modules'])} modules do not pair with "
+                f"the model(s) given; first: {first['module']}: {first['problem']}",
+                "check that --base is the model the adapter was trained on",
+            )

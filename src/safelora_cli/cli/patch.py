@@ -1,0 +1,85 @@
+"""``safelora patch``: project the drifting modules of one or more adapters, write new folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from safelora_cli.cli._app import app, stderr
+from safelora_cli.cli._errors import errors_to_exit
+from safelora_cli.cli._options import (
+    AdaptersArg,
+    JsonOpt,
+    QuietOpt,
+    RunFlags,
+    adapter_list,
+    run_options,
+)
+from safelora_cli.display import emit_results, progress_bar
+from safelora_cli.errors import UsageError
+
+EXAMPLES = """\b
+Examples:
+  safelora patch ./my-lora --base meta-llama/Llama-2-7b-hf \\
+      --aligned meta-llama/Llama-2-7b-chat-hf --output ./my-lora-safe
+  safelora patch ./my-lora --base ./base --aligned ./chat --output ./out \\
+      --select threshold --threshold 0.35 --json > report.json
+  find runs -name adapter_config.json -printf '%h\\n' | \\
+      safelora patch - --base ./base --aligned ./chat --output ./safe
+  safelora patch ./my-lora --preset llama-2-7b-chat --output ./my-lora-safe
+  safelora patch ./my-lora --config run.toml --num-layers 8 --output ./out
+"""
+
+
+@app.command(epilog=EXAMPLES)
+@run_options
+def patch(
+    adapters: AdaptersArg,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="New folder (with several adapters: OUTPUT/<adapter name>)."
+        ),
+    ],
+    run: RunFlags,
+    report: Annotated[
+        Path | None,
+        typer.Option("--report", help="Write the report here instead of OUTPUT/ (one adapter)."),
+    ] = None,
+    as_json: JsonOpt = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace safelora's files in a non-empty OUTPUT.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Project the drifting modules of ADAPTER and write a patched adapter to OUTPUT."""
+    with errors_to_exit():
+        paths, batch = adapter_list(adapters)
+        if batch and report is not None:
+            raise UsageError("--report takes one adapter", "each batch output has its own report")
+        config = run.resolve()
+        from safelora_cli import pipeline
+
+        with progress_bar(stderr, quiet) as progress:
+            if batch:
+                results = pipeline.patch_many(
+                    paths, config.base, config.aligned, output, config.settings,
+                    force=force, revision=config.revision, progress=progress,
+                )  # fmt: skip
+            else:
+                results = [
+                    pipeline.patch(
+                        paths[0],
+                        config.base,
+                        config.aligned,
+                        output,
+                        config.settings,
+                        force=force,
+                        report_path=report,
+                        revision=config.revision,
+                        progress=progress,
+                    )  # fmt: skip
+                ]
+        emit_results(stderr, [r.report for r in results], as_json, quiet, batch)

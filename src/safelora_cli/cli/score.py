@@ -1,0 +1,76 @@
+"""``safelora score``: the scores and selection of ``patch``, written nowhere; a CI gate."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from safelora_cli.cli._app import app, stderr
+from safelora_cli.cli._errors import errors_to_exit
+from safelora_cli.cli._options import (
+    AdaptersArg,
+    JsonOpt,
+    QuietOpt,
+    RunFlags,
+    adapter_list,
+    run_options,
+)
+from safelora_cli.display import emit_results, progress_bar
+from safelora_cli.errors import ExitCode, UsageError
+
+EXAMPLES = """\b
+Examples:
+  safelora score ./my-lora --base ./base --aligned ./chat
+  safelora score ./my-lora --base ./base --aligned ./chat \\
+      --select threshold --threshold 0.5 --fail-if-projected 0   # CI gate
+  safelora score ./run/checkpoint-* --preset llama-2-7b-chat --json > reports.json
+"""
+
+
+@app.command(epilog=EXAMPLES)
+@run_options
+def score(
+    adapters: AdaptersArg,
+    run: RunFlags,
+    as_json: JsonOpt = False,
+    fail_if_projected: Annotated[
+        int | None,
+        typer.Option(
+            "--fail-if-projected",
+            help="Exit 1 if more than N modules of any adapter would be projected (CI gate).",
+            metavar="N",
+        ),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score ADAPTER's modules and show which would be projected; writes nothing."""
+    with errors_to_exit():
+        if fail_if_projected is not None and fail_if_projected < 0:
+            raise UsageError(
+                f"--fail-if-projected {fail_if_projected} is negative",
+                "give the number of projected modules to tolerate, 0 or more",
+            )
+        paths, batch = adapter_list(adapters)
+        config = run.resolve()
+        from safelora_cli import pipeline
+
+        with progress_bar(stderr, quiet) as progress:
+            results = pipeline.score_many(
+                paths, config.base, config.aligned, config.settings, config.revision, progress
+            )
+        reports = [r.report for r in results]
+        emit_results(stderr, reports, as_json, quiet, batch)
+    if fail_if_projected is None:
+        return
+    over = [r for r in reports if r["summary"]["projected"] > fail_if_projected]
+    for report in over:
+        print(
+            f"gate failed: {report['inputs']['adapter']['path']}: "
+            f"{report['summary']['projected']} modules would be projected, "
+            f"more than {fail_if_projected}",
+            file=sys.stderr,
+        )
+    if over:
+        raise typer.Exit(int(ExitCode.GATE_FAILED))

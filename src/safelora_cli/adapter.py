@@ -7,6 +7,7 @@ name (``.default.``). Nothing but the header is read here.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ from safelora_cli.index import (
     PICKLE_SUFFIXES,
     SafetensorsHeader,
     TensorInfo,
-    load_json_object,
     read_header,
 )
+from safelora_cli.patterns import check_pattern, pattern_value
+from safelora_cli.smallfiles import load_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -81,12 +83,12 @@ def load_adapter(root: Path, adapter_name: str | None = None) -> Adapter:
         CorruptFileError: a malformed safetensors file.
     """
     config_path, weights_path = root / CONFIG_NAME, root / WEIGHTS_NAME
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise IncompatibleInputError(
             f"{root}: no {CONFIG_NAME}; is this a PEFT adapter folder?",
             "save the adapter with peft's save_pretrained",
         )
-    if not weights_path.is_file():
+    if not os.path.lexists(weights_path):
         pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
         hint = (
             f"{pickles[0]} is a pickle, which safelora never loads; re-save the adapter with "
@@ -95,7 +97,7 @@ def load_adapter(root: Path, adapter_name: str | None = None) -> Adapter:
             else "save the adapter with peft's save_pretrained"
         )
         raise IncompatibleInputError(f"{root}: no {WEIGHTS_NAME}", hint)
-    config = load_json_object(config_path, "adapter config", IncompatibleInputError)
+    config = load_json(config_path, "adapter config", IncompatibleInputError)
     _check_config(config_path, config)
     header = read_header(weights_path)
     modules, passthrough = _collect_modules(header, adapter_name)
@@ -148,12 +150,7 @@ def _is_number(value: Any) -> bool:
 def _check_patterns(path: Path, key: str, patterns: dict[str, Any]) -> None:
     """``rank_pattern`` maps module regexes to positive ranks, ``alpha_pattern`` to numbers."""
     for pattern, value in patterns.items():
-        try:
-            _peft_regex(pattern)
-        except re.error as exc:
-            raise IncompatibleInputError(
-                f"{path}: {key!r} key {pattern!r} is not a valid regular expression ({exc})"
-            ) from exc
+        check_pattern(pattern, f"{path}: {key!r} key")
         if key == "alpha_pattern" and not _is_number(value):
             raise IncompatibleInputError(
                 f"{path}: lora_alpha for {pattern!r} in 'alpha_pattern' is {value!r}, not a number",
@@ -166,20 +163,6 @@ def _check_patterns(path: Path, key: str, patterns: dict[str, Any]) -> None:
                 f"{path}: 'rank_pattern' value for {pattern!r} must be a positive integer, "
                 f"not {value!r}"
             )
-
-
-def _peft_regex(pattern: str) -> re.Pattern[str]:
-    """PEFT's rule for a ``rank_pattern`` / ``alpha_pattern`` key: the pattern matches the end of
-    the module name, at a ``.`` boundary."""
-    return re.compile(rf"(.*\.)?({pattern})$")
-
-
-def pattern_value(patterns: dict[str, Any] | None, module: str) -> Any | None:
-    """The value of the first key of ``patterns`` that matches ``module`` (PEFT's rule), or None."""
-    for pattern, value in (patterns or {}).items():
-        if pattern == module or _peft_regex(pattern).match(module):
-            return value
-    return None
 
 
 def _collect_modules(
@@ -231,14 +214,14 @@ def _collect_modules(
 
 def expected_rank(config: dict[str, Any], module: str) -> int:
     """The rank PEFT gives ``module``: the first matching ``rank_pattern`` key, else ``r``."""
-    rank = pattern_value(config.get("rank_pattern"), module)
+    rank = pattern_value(config.get("rank_pattern"), module, f"{CONFIG_NAME} 'rank_pattern'")
     return int(config.get("r", DEFAULT_RANK) if rank is None else rank)
 
 
 def expected_alpha(config: dict[str, Any], module: str) -> float:
     """The alpha PEFT gives ``module``: the first matching ``alpha_pattern`` key, else
     ``lora_alpha`` (both checked to be numbers when the adapter was loaded)."""
-    alpha = pattern_value(config.get("alpha_pattern"), module)
+    alpha = pattern_value(config.get("alpha_pattern"), module, f"{CONFIG_NAME} 'alpha_pattern'")
     return float(config.get("lora_alpha", DEFAULT_ALPHA) if alpha is None else alpha)
 
 

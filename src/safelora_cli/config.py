@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,11 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from safelora_cli.errors import UsageError
 from safelora_cli.settings import OPTIONS, SETTING_KEYS, Projection, Settings
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+from safelora_cli.smallfiles import decode_toml, read_small
 
 if TYPE_CHECKING:
     from importlib.abc import Traversable
@@ -121,12 +116,7 @@ def _has_type(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types) and not isinstance(value, bool)
 
 
-def _parse_toml(text: bytes, where: str) -> dict[str, Any]:
-    try:
-        data: dict[str, Any] = tomllib.loads(text.decode("utf-8"))
-        return data
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"{where}: not valid TOML ({exc})", "fix the file's syntax") from exc
+MAX_TOML_BYTES = 1024 * 1024
 
 
 def read_config(path: Path | str) -> dict[str, Any]:
@@ -138,21 +128,18 @@ def read_config(path: Path | str) -> dict[str, Any]:
     """
     path = Path(path)
     where = f"--config {path}"
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise UsageError(f"{where}: no such file", "give the path of a TOML run file") from exc
-    except IsADirectoryError as exc:
-        raise UsageError(f"{where}: is a folder", "give the path of a TOML run file") from exc
-    except OSError as exc:
-        raise UsageError(f"{where}: cannot read ({exc.strerror})") from exc
-    return check_table(_parse_toml(raw, where), RUN_KEYS, where)
+    if not os.path.lexists(path):
+        raise UsageError(f"{where}: no such file", "give the path of a TOML run file")
+    if path.is_dir():
+        raise UsageError(f"{where}: is a folder", "give the path of a TOML run file")
+    raw = read_small(path, "run file", MAX_TOML_BYTES, UsageError)
+    return check_table(decode_toml(raw, where, "run file", UsageError), RUN_KEYS, where)
 
 
 def parse_preset(name: str, text: bytes, source: str) -> Preset:
     """Build a preset from the text of ``<name>.toml``; ``base`` and ``aligned`` are required."""
     where = f"preset {name!r} ({source})"
-    options = check_table(_parse_toml(text, where), PRESET_KEYS, where)
+    options = check_table(decode_toml(text, where, "preset", UsageError), PRESET_KEYS, where)
     missing = [key for key in ("base", "aligned") if key not in options]
     if missing:
         raise UsageError(f"{where}: no {' and no '.join(missing)}", "a preset names both models")
@@ -193,7 +180,8 @@ def load_presets(dirs: Iterable[Path] | None = None) -> dict[str, Preset]:
                 found[name] = parse_preset(name, entry.read_bytes(), f"built-in {entry.name}")
     for folder in preset_dirs() if dirs is None else dirs:
         for path in sorted(Path(folder).glob("*.toml")):
-            found[path.stem] = parse_preset(path.stem, path.read_bytes(), str(path))
+            raw = read_small(path, "preset", MAX_TOML_BYTES, UsageError)
+            found[path.stem] = parse_preset(path.stem, raw, str(path))
     return dict(sorted(found.items()))
 
 

@@ -8,6 +8,7 @@ the library returns (reports, ``Preset.describe()``, ``inspection.inspect_adapte
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,9 +18,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from safelora_cli.notices import NOTE, Notice, NotifyFn
 from safelora_cli.report import SHORT_REASONS
+from safelora_cli.text import safe_text
 
 ProgressFn = Any  # pipeline.ProgressFn, without importing torch
+
+
+def shown(text: Any) -> str:
+    """Untrusted text as a rich cell: control characters escaped, long names shortened, markup
+    (``[red]``) shown as written rather than interpreted."""
+    return escape(safe_text(str(text)))
 
 
 @contextmanager
@@ -42,17 +51,35 @@ def progress_bar(console: Console, quiet: bool) -> Iterator[ProgressFn | None]:
         task = bar.add_task("", total=None)
 
         def update(done: int, total: int, module: str) -> None:
-            bar.update(task, completed=done, total=total, description=escape(module))
+            bar.update(task, completed=done, total=total, description=shown(module))
 
         yield update
+
+
+def notice_printer(console: Console, quiet: bool) -> NotifyFn:
+    """A ``notify`` callback: a warning as one ``warning:`` line on stderr (also when quiet); a
+    note as a ``note:`` line, only for a person at a terminal (like the progress bar)."""
+
+    def show(notice: Notice) -> None:
+        if notice.level == NOTE and (quiet or not console.is_terminal):
+            return
+        console.print(
+            f"{notice.level}: {safe_text(notice.message)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+            emoji=False,
+        )
+
+    return show
 
 
 def summary_table(console: Console, report: dict[str, Any]) -> None:
     """The projected and skipped modules of one report, with the summary as caption."""
     summary = report["summary"]
-    shown = [m for m in report["modules"] if m["projected"] or m["skipped"]]
+    rows = [m for m in report["modules"] if m["projected"] or m["skipped"]]
     table = Table(
-        title=f"safelora: {escape(report['inputs']['adapter']['path'])}: "
+        title=f"safelora: {shown(report['inputs']['adapter']['path'])}: "
         "projected and skipped modules",
         caption=(
             f"{summary['projected']} of {summary['modules']} modules projected, "
@@ -64,10 +91,10 @@ def summary_table(console: Console, report: dict[str, Any]) -> None:
     for column in ("cosine", "‖V‖", "‖B‖ before", "‖B‖ after"):
         table.add_column(column, justify="right")
     table.add_column("status")
-    for m in shown:
+    for m in rows:
         status = "projected" if m["projected"] else SHORT_REASONS.get(m["skipped"], "skipped")
         table.add_row(
-            escape(m["module"]),
+            shown(m["module"]),
             _num(m["cosine"]),
             _num(m["v_norm"]),
             _num(m["b_norm_before"]),
@@ -84,16 +111,38 @@ def _num(value: float | None) -> str:
 def emit_results(
     console: Console, reports: list[dict[str, Any]], as_json: bool, quiet: bool, batch: bool
 ) -> None:
-    """Tables to stderr; to stdout only the result: output path(s), or the report(s) as JSON."""
+    """Tables to stderr; to stdout only the result: output path(s), or the report(s) as JSON.
+
+    The run is finished here: a table that cannot be shown is a warning, never a failure.
+    """
     if not quiet:
         for report in reports:
-            summary_table(console, report)
-    if as_json:
-        sys.stdout.write(json.dumps(reports if batch else reports[0], indent=2) + "\n")
+            show_safely(console, summary_table, report)
+    if as_json:  # ASCII only (json escapes the rest): any terminal encoding prints it
+        write_stdout(json.dumps(reports if batch else reports[0], indent=2) + "\n")
         return
     for report in reports:
         if report["output"] is not None:
-            sys.stdout.write(f"{report['output']}\n")
+            write_stdout(report["output"] + "\n")
+
+
+def write_stdout(text: str) -> None:
+    """Write a result to stdout; a path the terminal's encoding cannot hold goes out as the
+    bytes the file system knows it by, so scripts get the real path."""
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(os.fsencode(text))
+    sys.stdout.flush()
+
+
+def show_safely(console: Console, render: Any, *args: Any) -> None:
+    """Render a table; if that fails, one warning line instead (the run's result stands)."""
+    try:
+        render(console, *args)
+    except Exception as exc:  # noqa: BLE001 - display must never fail a finished run
+        print(f"warning: could not display the table ({safe_text(repr(exc))})", file=sys.stderr)
 
 
 def selection_text(settings: dict[str, Any]) -> str:
@@ -122,10 +171,10 @@ def presets_table(console: Console, presets: Sequence[dict[str, Any]]) -> None:
     table.add_column("note", ratio=1)
     for preset in presets:
         table.add_row(
-            escape(preset["name"]),
-            f"{escape(preset['base'])}\n→ {escape(preset['aligned'])}",
+            shown(preset["name"]),
+            f"{shown(preset['base'])}\n→ {shown(preset['aligned'])}",
             selection_text(preset["settings"]),
-            escape(preset["description"]),
+            shown(preset["description"]),
         )
     console.print(table)
 
@@ -142,7 +191,7 @@ def inspect_tables(console: Console, info: dict[str, Any]) -> None:
     )
     if paired:
         caption += f"; {summary['paired']} of {summary['modules']} pair with the base"
-    title = f"safelora inspect: {escape(info['inputs']['adapter']['path'])}"
+    title = f"safelora inspect: {shown(info['inputs']['adapter']['path'])}"
     table = Table(title=title, caption=caption)
     table.add_column("module", no_wrap=True)
     for column in ("out × in", "rank", "alpha", "scaling"):
@@ -154,7 +203,7 @@ def inspect_tables(console: Console, info: dict[str, Any]) -> None:
         out, inp = module["shape"]
         dtypes = {module["lora_A"]["dtype"], module["lora_B"]["dtype"]}
         row = [
-            escape(module["module"]),
+            shown(module["module"]),
             f"{out} × {inp}",
             str(module["rank"]),
             f"{module['alpha']:g}",
@@ -171,7 +220,7 @@ def inspect_tables(console: Console, info: dict[str, Any]) -> None:
 
 def _pairing_text(module: dict[str, Any]) -> str:
     if not module["paired"]:
-        return f"[red]{escape(module['problem'])}[/red]"
+        return f"[red]{shown(module['problem'])}[/red]"
     return "ok (tied to embedding)" if module["tied"] else "ok"
 
 
@@ -181,7 +230,5 @@ def _passthrough_table(console: Console, tensors: Sequence[dict[str, Any]]) -> N
     table.add_column("dtype")
     table.add_column("shape", justify="right")
     for tensor in tensors:
-        table.add_row(
-            escape(tensor["name"]), tensor["dtype"], " × ".join(map(str, tensor["shape"]))
-        )
+        table.add_row(shown(tensor["name"]), tensor["dtype"], " × ".join(map(str, tensor["shape"])))
     console.print(table)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from safelora_cli.text import safe_text
+
 
 class ExitCode(IntEnum):
     """The process exit codes: the CLI's contract with scripts and CI."""
@@ -38,10 +40,11 @@ class SafeLoraError(Exception):
         self.hint = hint
 
     def one_line(self) -> str:
-        """The message and hint as the single stderr line the CLI prints."""
-        text = " ".join(self.message.split())
+        """The message and hint as the single stderr line the CLI prints: untrusted names in it
+        (paths, tensor names) have their control characters escaped and are shortened."""
+        text = safe_text(self.message)
         if self.hint:
-            text += f" (hint: {' '.join(self.hint.split())})"
+            text += f" (hint: {safe_text(self.hint)})"
         return text
 
 

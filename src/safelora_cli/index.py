@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from safelora_cli.errors import CorruptFileError, IncompatibleInputError
+from safelora_cli.smallfiles import DuplicateKey, load_json, open_regular, reject_duplicates
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-MAX_JSON_BYTES = 50 * 1024 * 1024
+MAX_DIM = 2**63  # no tensor is this long (torch's sizes are signed 64-bit)
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LFS_PREFIX = b"version https://git-lfs"
@@ -62,51 +64,6 @@ class SafetensorsHeader:
     size: int
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def load_json_object(
-    path: Path, what: str, error: type[Exception] = CorruptFileError
-) -> dict[str, Any]:
-    """Read a JSON file that must hold one object, rejecting huge files and duplicate keys.
-
-    Args:
-        path: the file.
-        what: how to name it in errors ("adapter config").
-        error: the error class to raise (CorruptFileError or IncompatibleInputError).
-    Returns:
-        The decoded object.
-    """
-    try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise error(f"{path}: {what} is {size} bytes, more than the {MAX_JSON_BYTES} allowed")
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise error(f"{path}: cannot read {what}: {exc.strerror}") from exc
-    try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except _DuplicateKey as exc:
-        raise error(f"{path}: {what} has the key {exc.key!r} twice") from exc
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise error(f"{path}: {what} is not valid JSON ({exc})", "re-export the file") from exc
-    if not isinstance(value, dict):
-        raise error(f"{path}: {what} is not a JSON object")
-    return value
-
-
 def _payload_bytes(dtype: str, shape: tuple[int, ...]) -> int:
     return (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
 
@@ -122,8 +79,8 @@ def read_header(path: Path) -> SafetensorsHeader:
         CorruptFileError: on any malformed header, with what was expected and found.
     """
     try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
+        with open_regular(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) < 8:
                 raise CorruptFileError(
@@ -150,8 +107,8 @@ def read_header(path: Path) -> SafetensorsHeader:
     except OSError as exc:
         raise CorruptFileError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except _DuplicateKey as exc:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
+    except DuplicateKey as exc:
         raise CorruptFileError(
             f"{path}: tensor {exc.key!r} appears twice in the header",
             "the file was written by a broken exporter; re-export it",
@@ -197,6 +154,8 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, size: int) 
         raise CorruptFileError(f"{where}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
         raise CorruptFileError(f"{where}: shape {shape!r} is not a list of sizes")
+    if any(d >= MAX_DIM for d in shape):  # with a 0 elsewhere the byte count alone is fine
+        raise CorruptFileError(f"{where}: shape {shape!r} has a size past any tensor's")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
         raise CorruptFileError(f"{where}: data_offsets {offsets!r} is not [start, end]")
     start, stop = offsets
@@ -271,7 +230,7 @@ def _merge(into: dict[str, TensorInfo], new: dict[str, TensorInfo]) -> None:
 
 
 def _index_from_json(root: Path, index_path: Path) -> TensorIndex:
-    weight_map = load_json_object(index_path, "shard index").get("weight_map")
+    weight_map = load_json(index_path, "shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):

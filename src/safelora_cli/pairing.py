@@ -12,13 +12,14 @@ untied model missing ``lm_head.weight`` is an error rather than silently paired 
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from safelora_cli.adapter import Adapter, LoraModule
 from safelora_cli.errors import PairingError, PairingProblem
 from safelora_cli.index import FLOAT_DTYPES, TensorIndex, TensorInfo
+from safelora_cli.smallfiles import load_json
 
 TIED_FALLBACKS = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight")}
 MODEL_CONFIG = "config.json"
@@ -55,12 +56,12 @@ class ModulePair:
 
 
 def _model_config(index: TensorIndex) -> dict[str, Any]:
-    """The folder's config.json, or {} when it has none or it cannot be read: it is optional."""
-    try:
-        config = json.loads((index.root / MODEL_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """The folder's config.json, or {} when it has none (it is optional); one that is there is
+    read like any other input, and a broken one is an error."""
+    path = index.root / MODEL_CONFIG
+    if not os.path.lexists(path):
         return {}
-    return config if isinstance(config, dict) else {}
+    return load_json(path, "model config")
 
 
 def _lookup(index: TensorIndex, weight: str, tied_ok: bool) -> tuple[TensorInfo | None, bool]:

@@ -17,9 +17,10 @@ import torch
 
 from safelora_cli import report as reporting
 from safelora_cli.adapter import Adapter, load_adapter
-from safelora_cli.errors import NumericalError, UsageError
+from safelora_cli.errors import NumericalError, SafeLoraError, UsageError
 from safelora_cli.index import TensorIndex, TensorInfo, index_folder
 from safelora_cli.loader import TORCH_DTYPES, TensorReader
+from safelora_cli.notices import Notices, NotifyFn
 from safelora_cli.pairing import ModulePair, pair_modules
 from safelora_cli.projection import ModuleScore, score_module
 from safelora_cli.resolve import ResolvedInput, resolve
@@ -31,8 +32,8 @@ from safelora_cli.writer import (
     cast_checked,
     check_output,
     check_report_path,
+    output_error,
     write_adapter,
-    write_json,
 )
 
 ProgressFn = Callable[[int, int, str], None]
@@ -59,6 +60,7 @@ class Job:
     aligned: TensorIndex
     adapters: list[AdapterJob]
     settings: Settings
+    notices: Notices
 
     def local_inputs(self) -> list[Path]:
         return [self.base_input.path, self.aligned_input.path] + [
@@ -121,6 +123,7 @@ def prepare(
     aligned: PathLike,
     settings: Settings,
     revision: str | None = None,
+    notify: NotifyFn | None = None,
 ) -> Job:
     """Resolve, index and pair every input. Reads headers only.
 
@@ -129,17 +132,18 @@ def prepare(
     """
     if not adapters:
         raise UsageError("no ADAPTER given")
+    notices = Notices(notify)
     loaded = []
     for ref in adapters:
-        adapter_input = resolve(str(ref), revision=None, role="ADAPTER")
+        adapter_input = resolve(str(ref), revision=None, role="ADAPTER", notices=notices)
         adapter = load_adapter(adapter_input.path, settings.adapter_name)
         settings.check_modules(len(adapter.modules))
         loaded.append((adapter_input, adapter))
-    base_input = resolve(str(base), revision, role="--base")
-    aligned_input = resolve(str(aligned), revision, role="--aligned")
+    base_input = resolve(str(base), revision, role="--base", notices=notices)
+    aligned_input = resolve(str(aligned), revision, role="--aligned", notices=notices)
     base_index, aligned_index = index_folder(base_input.path), index_folder(aligned_input.path)
     jobs = [AdapterJob(i, a, pair_modules(a, base_index, aligned_index)) for i, a in loaded]
-    return Job(base_input, aligned_input, base_index, aligned_index, jobs, settings)
+    return Job(base_input, aligned_input, base_index, aligned_index, jobs, settings, notices)
 
 
 def _weight_groups(job: Job) -> list[list[tuple[int, ModulePair]]]:
@@ -252,6 +256,7 @@ def build_report(
         threshold_used=scored.threshold_used,
         passthrough=scored.job.adapter.passthrough,
         output=str(output) if output is not None else None,
+        warnings=job.notices.as_list(),
     )
 
 
@@ -262,9 +267,10 @@ def score_many(
     settings: Settings = Settings(),
     revision: str | None = None,
     progress: ProgressFn | None = None,
+    notify: NotifyFn | None = None,
 ) -> list[Result]:
     """Score several adapters against one model pair (each weight read once); writes nothing."""
-    job = prepare(adapters, base, aligned, settings, revision)
+    job = prepare(adapters, base, aligned, settings, revision, notify)
     device = resolve_device(settings.device)
     return [
         Result(build_report(job, scored, device, None), None)
@@ -286,13 +292,32 @@ def batch_outputs(adapters: Sequence[Path], output_dir: Path) -> list[Path]:
     return [output_dir / a.name for a in adapters]
 
 
-def _write(
-    scored: Scored, report: dict[str, Any], output: Path, force: bool, in_folder: bool
+def _stage(
+    job: Job, scored: Scored, out: OutputFolder, report: dict[str, Any], report_file: Path | None
 ) -> None:
-    with OutputFolder(output, force=force) as out:
-        write_adapter(out, scored.job.adapter, scored.replaced_factors())
-        if in_folder:
-            out.write_report(report)
+    """Write one patched adapter and its report into the output being staged."""
+    adapter = scored.job
+    replaced = scored.replaced_factors()
+    write_adapter(out, adapter.adapter, replaced, adapter.input.trusted_root, job.notices)
+    report["warnings"] = job.notices.as_list()  # with what writing found
+    if report_file is None:
+        out.write_report(report)
+    else:
+        out.attach_json(report_file, report)
+
+
+def _publish_all(folders: list[OutputFolder]) -> None:
+    """Publish staged outputs in order; if one cannot be, say which were and discard the rest."""
+    for done, folder in enumerate(folders):
+        try:
+            folder.publish()
+        except SafeLoraError as exc:
+            for rest in folders[done + 1 :]:
+                rest.discard()
+            published = ", ".join(f.target.name for f in folders[:done]) or "none"
+            skipped = ", ".join(f.target.name for f in folders[done + 1 :]) or "none"
+            exc.message += f" (batch: published {published}; not published: {skipped})"
+            raise
 
 
 def patch_many(
@@ -305,14 +330,16 @@ def patch_many(
     force: bool = False,
     revision: str | None = None,
     progress: ProgressFn | None = None,
+    notify: NotifyFn | None = None,
 ) -> list[Result]:
     """Patch several adapters in one pass over the model pair.
 
-    Each patched adapter goes to ``output_dir/<adapter folder name>`` with its own report. The
-    outputs are written one after the other once every adapter is scored: if one fails, those
-    before it stay, complete, and none after it is written.
+    Each patched adapter goes to ``output_dir/<adapter folder name>`` with its own report. Every
+    output is staged before any is published: a failure while writing (disk full, an unreadable
+    input) publishes none. Publishing is then one rename each; if one fails (another run wrote
+    there meanwhile), the error says which were published and which were not.
     """
-    job = prepare(adapters, base, aligned, settings, revision)
+    job = prepare(adapters, base, aligned, settings, revision, notify)
     output_dir = Path(output_dir)
     outputs = batch_outputs([a.input.path for a in job.adapters], output_dir)
     check_output(output_dir, job.local_inputs(), force=True)  # the parent: may hold other files
@@ -323,16 +350,23 @@ def patch_many(
     device = resolve_device(settings.device)
     scored = score_job(job, device, progress)
     output_dir.mkdir(exist_ok=True)
+    folders = [OutputFolder(output, force=force) for output in outputs]
     results = []
     try:
-        for adapter_scored, output in zip(scored, outputs, strict=True):
-            report = build_report(job, adapter_scored, device, output)
-            _write(adapter_scored, report, output, force, in_folder=True)
-            results.append(Result(report, output))
-    except BaseException:
+        for adapter_scored, folder in zip(scored, folders, strict=True):
+            report = build_report(job, adapter_scored, device, folder.target)
+            folder.open()
+            _stage(job, adapter_scored, folder, report, None)
+            results.append(Result(report, folder.target))
+    except BaseException as exc:
+        for folder in folders:
+            folder.discard()
         if created and not any(output_dir.iterdir()):
             output_dir.rmdir()
+        if isinstance(exc, OSError):
+            raise output_error(output_dir, exc) from exc
         raise
+    _publish_all(folders)
     return results
 
 
@@ -347,6 +381,7 @@ def patch(
     report_path: PathLike | None = None,
     revision: str | None = None,
     progress: ProgressFn | None = None,
+    notify: NotifyFn | None = None,
 ) -> Result:
     """Patch one adapter: project the selected modules' lora_B and write a new adapter folder.
 
@@ -359,24 +394,24 @@ def patch(
         report_path: where to write the report (default ``output/safelora_report.json``).
         revision: hub revision for base and aligned.
         progress: called after each weight.
+        notify: called with each notice (also listed in the report's ``warnings``).
     Returns:
         The report and the output folder.
     Example:
         >>> patch("my-lora", "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf",
         ...       "my-lora-safe")
     """
-    job = prepare([adapter], base, aligned, settings, revision)
+    job = prepare([adapter], base, aligned, settings, revision, notify)
     output = Path(output)
     check_output(output, job.local_inputs(), force)
     report_file = Path(report_path) if report_path is not None else None
     if report_file is not None:
-        check_report_path(report_file, job.local_inputs())
+        check_report_path(report_file, job.local_inputs(), output, force)
     device = resolve_device(settings.device)
     [scored] = score_job(job, device, progress)
     report = build_report(job, scored, device, output)
-    _write(scored, report, output, force, in_folder=report_file is None)
-    if report_file is not None:
-        write_json(report_file, report)
+    with OutputFolder(output, force=force) as out:
+        _stage(job, scored, out, report, report_file)
     return Result(report, output)
 
 
@@ -387,7 +422,8 @@ def score(
     settings: Settings = Settings(),
     revision: str | None = None,
     progress: ProgressFn | None = None,
+    notify: NotifyFn | None = None,
 ) -> Result:
     """Score one adapter without writing anything. See ``patch`` for the arguments."""
-    [result] = score_many([adapter], base, aligned, settings, revision, progress)
+    [result] = score_many([adapter], base, aligned, settings, revision, progress, notify)
     return result

@@ -85,6 +85,7 @@ def build(
     threshold_used: float | None,
     passthrough: Iterable[str],
     output: str | None,
+    warnings: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Assemble the report of one adapter from a finished scoring run.
 
@@ -94,6 +95,7 @@ def build(
         records: one per module, any order (the report sorts them by name, naturally).
         selected: the modules projected; threshold_used: the cut the selection used.
         passthrough: tensors copied through unchanged; output: the output folder, if any.
+        warnings: the run's notices (``Notices.as_list()``).
     """
     modules = [
         module_entry(r, r.module in selected)
@@ -115,4 +117,5 @@ def build(
             "threshold_used": threshold_used,
             "mean_pdst": sum(pdsts) / len(pdsts) if pdsts else None,
         },
+        "warnings": warnings,
     }

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from safelora_cli.errors import HubError, UsageError
+from safelora_cli.notices import NOTE, Notices
 
 HUB_PATTERNS = ["*.safetensors", "*.json"]
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -29,6 +30,14 @@ class ResolvedInput:
     files: dict[str, int] = field(default_factory=dict)
     commit: str | None = None
 
+    @property
+    def trusted_root(self) -> Path:
+        """The folder this input's files may lead into: the folder itself, or for a hub snapshot
+        its cached repository (a snapshot's files are links into the repository's blobs)."""
+        if self.hub_id is not None and self.path.parent.name == "snapshots":
+            return self.path.parent.parent.resolve()
+        return self.path.resolve()
+
     def describe(self) -> dict[str, Any]:
         """The report's ``inputs`` entry: path or hub id + revision, files and sizes."""
         return {
@@ -42,24 +51,33 @@ class ResolvedInput:
         }
 
 
-def resolve(ref: str, revision: str | None = None, role: str = "input") -> ResolvedInput:
+def resolve(
+    ref: str, revision: str | None = None, role: str = "input", notices: Notices | None = None
+) -> ResolvedInput:
     """Resolve a local folder or hub id to a local folder.
 
     Args:
         ref: a folder path, ``org/name`` or ``org/name@revision``.
         revision: hub revision (``--revision``); an ``@rev`` in ``ref`` takes precedence.
         role: how to name the input in errors ("--base").
+        notices: told when a REF that is not a local folder is looked up on the hub.
     Returns:
         The resolved input, with the folder's safetensors/json files and sizes.
     Raises:
-        UsageError: a path that does not exist and is not a hub id, or a file where a folder is due.
+        UsageError: a path that does not exist and is not a hub id, a file where a folder is due,
+            a name too long for the file system, or ``org/name`` where ``org`` is a local folder
+            (a typo in a path, far likelier than a hub id).
         HubError: the hub id cannot be resolved (offline and not cached, not found, gated...).
     """
     local = Path(ref).expanduser()
-    if local.is_dir():
-        path = local.resolve()
-        return ResolvedInput(ref, path, files=_listing(path))
-    if local.exists():
+    try:
+        if local.is_dir():
+            path = local.resolve()
+            return ResolvedInput(ref, path, files=_listing(path))
+        exists = local.exists()
+    except OSError as exc:  # ENAMETOOLONG: is_dir() lets it through
+        raise UsageError(f"{role} {ref}: cannot be used as a path ({exc.strerror})") from exc
+    if exists:
         raise UsageError(f"{role} {ref}: is a file; give the folder that holds it")
     match = _HUB_ID.match(ref)
     if match is None or ref.startswith((".", "/", "~")):
@@ -67,7 +85,15 @@ def resolve(ref: str, revision: str | None = None, role: str = "input") -> Resol
             f"{role} {ref}: no such folder, and not a hub id (org/name[@revision])",
             "check the path",
         )
+    org = ref.split("/", 1)[0]
+    if Path(org).is_dir():
+        raise UsageError(
+            f"{role} {ref}: no such folder (./{org} exists here, so this looks like a path)",
+            f"check the path; for the hub id, run from a folder without ./{org}",
+        )
     repo, rev = match["repo"], match["rev"] or revision
+    if notices is not None:
+        notices.add("hub-ref", f"{role} {ref}: not a local folder; resolved as a hub id", NOTE)
     path = Path(_download(repo, rev, role))
     # the cache keeps a snapshot per commit: record which one was used, for reproducibility
     commit = path.name if _COMMIT.fullmatch(path.name) else None

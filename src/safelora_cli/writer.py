@@ -30,10 +30,19 @@ import torch
 from safetensors.torch import save_file
 
 from safelora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter
-from safelora_cli.errors import CorruptFileError, FilesystemError, Interrupted, NumericalError
+from safelora_cli.errors import (
+    CorruptFileError,
+    FilesystemError,
+    Interrupted,
+    NumericalError,
+    SafeLoraError,
+    UsageError,
+)
 from safelora_cli.index import PICKLE_SUFFIXES
 from safelora_cli.loader import TensorReader
+from safelora_cli.notices import Notices
 from safelora_cli.report import REPORT_NAME
+from safelora_cli.smallfiles import load_json
 
 try:
     import fcntl
@@ -56,9 +65,9 @@ def check_output(target: Path, inputs: list[Path], force: bool) -> None:
         FilesystemError: symlink, not a folder, exists and not empty without ``force``, inside an
             input, parent missing or not writable.
     """
+    resolved = _resolved(target, "--output")
     if target.is_symlink():
         raise FilesystemError(f"--output {target}: is a symlink", "give a real folder path")
-    resolved = target.resolve()
     for folder in inputs:
         if resolved == folder or folder in resolved.parents:
             raise FilesystemError(
@@ -80,15 +89,38 @@ def check_output(target: Path, inputs: list[Path], force: bool) -> None:
         raise FilesystemError(f"--output {target}: cannot write in {parent} (permission denied)")
 
 
-def check_report_path(path: Path, inputs: list[Path]) -> None:
-    """Refuse a ``--report`` path inside an input, behind a symlink, or with no parent folder."""
+def check_report_path(path: Path, inputs: list[Path], output: Path, force: bool) -> None:
+    """Refuse a ``--report`` path before any work: inside the output or an input, an existing
+    file without ``force``, behind a symlink, or with no writable parent folder."""
+    resolved = _resolved(path, "--report")
+    target = _resolved(output, "--output")
+    if resolved == target or target in resolved.parents:
+        raise UsageError(
+            f"--report {path}: is inside the output folder {output}",
+            "leave --report out to write the report there, or give a path outside it",
+        )
     if path.is_symlink() or path.is_dir():
         raise FilesystemError(f"--report {path}: is a symlink or a folder", "give a file path")
-    resolved = path.resolve()
     if any(folder in resolved.parents for folder in inputs):
         raise FilesystemError(f"--report {path}: is inside an input folder")
+    if path.exists() and not force:
+        raise FilesystemError(
+            f"--report {path}: exists", "choose a new path, or pass --force to replace it"
+        )
     if not os.access(resolved.parent, os.W_OK | os.X_OK):
         raise FilesystemError(f"--report {path}: cannot write in {resolved.parent}")
+
+
+def _resolved(path: Path, flag: str) -> Path:
+    """``path`` resolved; a name the file system cannot hold is a usage error, not an I/O one."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"{flag} {path}: the name is too long for the file system") from exc
+    return path.resolve()
 
 
 class OutputFolder(AbstractContextManager["OutputFolder"]):
@@ -106,15 +138,10 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         self.parent = target.resolve().parent
         # named before it exists: an interrupt landing just after mkdir still knows what to remove
         self.path = self.parent / f"{STAGE_PREFIX}{target.name}-{secrets.token_hex(8)}"
+        self._attached: list[tuple[Path, Path]] = []  # (staged file, where it goes)
 
     def __enter__(self) -> OutputFolder:
-        try:
-            self.path.mkdir(mode=0o700)
-        except OSError as exc:  # FileExistsError included: never remove a folder that is not ours
-            raise _fs_error(self.target, exc) from exc
-        except BaseException:
-            _remove(self.path)
-            raise
+        self.open()
         return self
 
     def __exit__(
@@ -123,15 +150,42 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is None:
+            self.publish()
+            return
+        self.discard()
+        if isinstance(exc, OSError):  # writing a file failed: disk full, permissions
+            raise output_error(self.target, exc) from exc
+
+    def open(self) -> None:
+        """Create the staging folder."""
         try:
-            if exc is None:
-                self._publish()
-            elif isinstance(exc, OSError):  # writing a file failed: disk full, permissions
-                raise _fs_error(self.target, exc) from exc
-        except OSError as error:
-            raise _fs_error(self.target, error) from error
-        finally:
+            self.path.mkdir(mode=0o700)
+        except OSError as exc:  # FileExistsError included: never remove a folder that is not ours
+            raise output_error(self.target, exc) from exc
+        except BaseException:
             _remove(self.path)
+            raise
+
+    def discard(self) -> None:
+        """Remove everything staged; the target and the attached files' paths are untouched."""
+        _remove(self.path)
+        for staged, _ in self._attached:
+            staged.unlink(missing_ok=True)
+
+    def publish(self) -> None:
+        """Move the staged folder (and the attached files) into place; discard it on failure."""
+        try:
+            self._publish()
+        except OSError as error:
+            raise output_error(self.target, error) from error
+        finally:
+            self.discard()
+
+    def attach_json(self, path: Path, value: Any) -> None:
+        """Stage a JSON file that lives outside the folder (``--report``): it is published with
+        the folder, just after it, and never without it."""
+        self._attached.append((_stage_json(path, value), path))
 
     def save_tensors(
         self, name: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None
@@ -147,12 +201,27 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
             code = int(found[1])
             raise OSError(code, os.strerror(code), str(path)) from exc
 
-    def copy_files(self, source: Path, skip: set[str]) -> None:
-        """Copy ``source``'s regular files (not ``skip``, never pickles) into the output."""
+    def copy_files(
+        self, source: Path, skip: set[str], inside: Path, notices: Notices, trusted: set[str]
+    ) -> None:
+        """Copy ``source``'s regular files into the output: not ``skip``, never pickles, and
+        only files that live in ``inside`` unless ``trusted`` (a link that leads elsewhere could
+        carry a private file into an output the user then publishes: skipped, with a notice).
+        """
         for src in sorted(source.iterdir()):
             # pickled weights would be stale, unpatched copies that some loaders prefer
-            if src.is_file() and src.name not in skip and src.suffix not in PICKLE_SUFFIXES:
-                shutil.copyfile(src, self.path / src.name)
+            if src.name in skip or src.suffix in PICKLE_SUFFIXES:
+                continue
+            real = Path(os.path.realpath(src))
+            if not real.is_file():  # folders, FIFOs, devices, dangling links
+                continue
+            if src.name not in trusted and not real.is_relative_to(inside):
+                notices.add(
+                    "file-outside-input",
+                    f"{src}: not copied: it is a link to {real}, outside {inside}",
+                )
+                continue
+            _copy_input(src, self.path / src.name)
 
     def write_report(self, report: dict[str, Any]) -> None:
         """Write the report last, listing every file of the output (``files``)."""
@@ -168,6 +237,8 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
                 self._swap()
             else:
                 self._rename()
+            for staged, path in self._attached:
+                os.replace(staged, path)
         if caught:
             raise Interrupted(
                 f"interrupted just after {self.target} was written; it is complete",
@@ -211,15 +282,34 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _copy_input(src: Path, dst: Path) -> None:
+    """Copy one input file; a read failure is the input's (exit 3), a write failure the output's."""
+    try:
+        source = src.open("rb")
+    except OSError as exc:
+        raise CorruptFileError(f"{src}: cannot read ({exc.strerror})") from exc
+    with source, dst.open("wb") as target:
+        while True:
+            try:
+                chunk = source.read(1 << 20)
+            except OSError as exc:
+                raise CorruptFileError(f"{src}: cannot read ({exc.strerror})") from exc
+            if not chunk:
+                return
+            target.write(chunk)
+
+
 def _has_entries(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
 def _previous_files(target: Path) -> list[str]:
     """The files an earlier safelora run wrote into ``target``, from its report's ``files``."""
+    if not (target / REPORT_NAME).is_file():
+        return []
     try:
-        files = json.loads((target / REPORT_NAME).read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
+        files = load_json(target / REPORT_NAME, "earlier report").get("files")
+    except SafeLoraError:
         return []
     return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
 
@@ -267,7 +357,8 @@ def _remove(stage: Path) -> None:
         raise
 
 
-def _fs_error(target: Path, exc: OSError) -> FilesystemError:
+def output_error(target: Path, exc: OSError) -> FilesystemError:
+    """The error for an OSError met while writing the output ``target``."""
     if exc.errno == errno.ENOSPC:
         return FilesystemError(
             f"--output {target}: disk full while writing; nothing was left behind",
@@ -277,7 +368,11 @@ def _fs_error(target: Path, exc: OSError) -> FilesystemError:
 
 
 def write_adapter(
-    out: OutputFolder, adapter: Adapter, replaced: Mapping[str, torch.Tensor]
+    out: OutputFolder,
+    adapter: Adapter,
+    replaced: Mapping[str, torch.Tensor],
+    inside: Path,
+    notices: Notices,
 ) -> None:
     """Write a patched adapter: its tensors with ``replaced`` ones swapped in (every other one
     byte-identical), ``adapter_config.json`` and the folder's other files.
@@ -286,8 +381,12 @@ def write_adapter(
         out: the output being written.
         adapter: the input adapter.
         replaced: tensor name -> new value, already in the adapter's dtype (``cast_checked``).
+        inside: the folder the copied files must live in (``ResolvedInput.trusted_root``);
+            adapter_config.json, validated when the adapter was loaded, is copied wherever it is.
+        notices: where a file not copied is reported.
     Raises:
-        CorruptFileError: the adapter's config disappeared during the run.
+        CorruptFileError: the adapter's config disappeared during the run, or an input file
+            cannot be read.
     """
     with TensorReader() as reader:
         tensors = {
@@ -295,7 +394,8 @@ def write_adapter(
             for name, info in adapter.weights.tensors.items()
         }
         out.save_tensors(WEIGHTS_NAME, tensors, adapter.weights.metadata)
-    out.copy_files(adapter.root, skip={WEIGHTS_NAME, REPORT_NAME})
+    skip = {WEIGHTS_NAME, REPORT_NAME}
+    out.copy_files(adapter.root, skip, inside, notices, trusted={CONFIG_NAME})
     if not (out.path / CONFIG_NAME).is_file():
         raise CorruptFileError(f"{adapter.root / CONFIG_NAME}: removed during the run")
 
@@ -311,8 +411,8 @@ def cast_checked(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.T
     return out
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically: to a temporary file beside ``path``, then renamed over it."""
+def _stage_json(path: Path, value: Any) -> Path:
+    """Write JSON to a temporary file beside ``path`` (synced to disk) and return it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -320,7 +420,17 @@ def write_json(path: Path, value: Any) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically: to a temporary file beside ``path``, then renamed over it."""
+    tmp = _stage_json(path, value)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

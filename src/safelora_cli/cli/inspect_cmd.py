@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated
 
 import typer
@@ -11,6 +10,7 @@ import typer
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
 from safelora_cli.cli._options import AdapterNameOpt, RevisionOpt
+from safelora_cli.display import write_stdout
 from safelora_cli.errors import IncompatibleInputError, UsageError
 
 EXAMPLES = """\b
@@ -52,11 +52,11 @@ def inspect_command(
 
         info = inspect_adapter(adapter, base, aligned, revision=revision, adapter_name=adapter_name)
         if as_json:
-            sys.stdout.write(json.dumps(info, indent=2) + "\n")
+            write_stdout(json.dumps(info, indent=2) + "\n")
         else:
-            from safelora_cli.display import inspect_tables
+            from safelora_cli.display import inspect_tables, show_safely
 
-            inspect_tables(stderr, info)
+            show_safely(stderr, inspect_tables, info)
         unpaired = [m for m in info["modules"] if m.get("paired") is False]
         if unpaired:
             first = unpaired[0]

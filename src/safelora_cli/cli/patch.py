@@ -17,7 +17,7 @@ from safelora_cli.cli._options import (
     adapter_list,
     run_options,
 )
-from safelora_cli.display import emit_results, progress_bar
+from safelora_cli.display import emit_results, notice_printer, progress_bar
 from safelora_cli.errors import UsageError
 
 EXAMPLES = """\b
@@ -67,6 +67,7 @@ def patch(
                 results = pipeline.patch_many(
                     paths, config.base, config.aligned, output, config.settings,
                     force=force, revision=config.revision, progress=progress,
+                    notify=notice_printer(stderr, quiet),
                 )  # fmt: skip
             else:
                 results = [
@@ -80,6 +81,7 @@ def patch(
                         report_path=report,
                         revision=config.revision,
                         progress=progress,
+                        notify=notice_printer(stderr, quiet),
                     )  # fmt: skip
                 ]
         emit_results(stderr, [r.report for r in results], as_json, quiet, batch)

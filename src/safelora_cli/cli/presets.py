@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated
 
 import typer
 
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
+from safelora_cli.display import presets_table, show_safely, write_stdout
 
 EXAMPLES = """\b
 Examples:
@@ -29,8 +29,6 @@ def presets_command(
 
         described = [preset.describe() for preset in load_presets().values()]
         if as_json:
-            sys.stdout.write(json.dumps(described, indent=2) + "\n")
+            write_stdout(json.dumps(described, indent=2) + "\n")
         else:
-            from safelora_cli.display import presets_table
-
-            presets_table(stderr, described)
+            show_safely(stderr, presets_table, described)

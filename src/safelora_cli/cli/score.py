@@ -17,7 +17,7 @@ from safelora_cli.cli._options import (
     adapter_list,
     run_options,
 )
-from safelora_cli.display import emit_results, progress_bar
+from safelora_cli.display import emit_results, notice_printer, progress_bar
 from safelora_cli.errors import ExitCode, UsageError
 
 EXAMPLES = """\b
@@ -58,7 +58,13 @@ def score(
 
         with progress_bar(stderr, quiet) as progress:
             results = pipeline.score_many(
-                paths, config.base, config.aligned, config.settings, config.revision, progress
+                paths,
+                config.base,
+                config.aligned,
+                config.settings,
+                config.revision,
+                progress,
+                notice_printer(stderr, quiet),
             )
         reports = [r.report for r in results]
         emit_results(stderr, reports, as_json, quiet, batch)

@@ -85,7 +85,12 @@ def test_input_card_text_is_kept_byte_for_byte() -> None:
     card = build_card(b"\xef\xbb\xbf" + original, make_report(), "adapter", ARGV)  # with a BOM
     text_after_front_matter = original[REGEX_YAML_BLOCK.search(PEFT_CARD).end() :]  # type: ignore[union-attr]
     assert card.text.encode().endswith(b"\n" + text_after_front_matter)
-    assert body_of(card.text).encode() == b"\r\n\r\n" + text_after_front_matter  # CRLF card
+    assert body_of(card.text).encode() == b"\n\n" + text_after_front_matter
+    crlf = PEFT_CARD.replace("\n", "\r\n").replace("\r\r", "\r").encode()  # a Windows card
+    card = build_card(crlf, make_report(), "adapter", ARGV)
+    assert card.text.encode().endswith(crlf[REGEX_YAML_BLOCK.search(crlf.decode()).end() :])  # type: ignore[union-attr]
+    assert card.text.count("\r\n") == card.text.count("\n")  # one line ending throughout
+    assert front_matter(card.text)["license"] == "llama2"
     plain = b"No front matter here.\n\n---\n\nA rule, then more text without a final newline"
     card = build_card(plain, make_report(), "adapter", ARGV)
     assert body_of(card.text).encode() == b"\n\n" + plain
@@ -109,6 +114,7 @@ def test_what_was_done_names_method_settings_modules_command_and_versions() -> N
     assert "commit `" + "b" * 40 + "`" in section
     assert "/cache/" not in section  # refs as typed, never resolved local paths
     assert card.text.endswith("<!-- safelora: end -->\n")  # no input card: nothing after
+    assert "\n---\n# my\\-lora\\-safe\n\n<!-- safelora: begin -->" in card.text  # a title
 
 
 @pytest.mark.parametrize(
@@ -243,6 +249,9 @@ def test_read_card_refuses_links_out_of_the_folder_and_special_files(tmp_path: P
     data, warnings = read_card(adapter)
     assert data is None
     assert "leads outside its folder" in warnings[0]
+    (adapter / "README.md").unlink()
+    (adapter / "README.md").symlink_to(adapter / "README.md")
+    assert "symlink loop" in read_card(adapter)[1][0]
     (adapter / "README.md").unlink()
     os.mkfifo(adapter / "README.md")  # would block a plain open() for ever
     data, warnings = read_card(adapter)

@@ -13,16 +13,12 @@ import pytest
 from typer.testing import Result
 
 from safelora_cli.errors import IncompatibleInputError, UsageError
+from safelora_cli.modelref import Match, ModelRef, compare, hub_cache_location, parse_ref
 from safelora_cli.provenance import (
-    Match,
-    ModelRef,
     check_adapter,
     check_pair,
     check_scores,
-    compare,
     file_identities,
-    hub_cache_location,
-    parse_ref,
     refuse,
 )
 from safelora_cli.resolve import resolve
@@ -127,7 +123,7 @@ def test_adapter_trained_on_the_base_model_is_a_warning() -> None:
         [finding] = check_adapter(trained_on(name), BASE, ALIGNED)
         assert finding.code == "adapter-names-base"
         assert not finding.fatal
-        assert finding.values == {"adapter_base_model": name, "base": BASE["ref"],
+        assert finding.values == {"trained_on": name, "base": BASE["ref"],
                                   "aligned": ALIGNED["ref"]}  # fmt: skip
         assert name in finding.message
         assert "which is --base" in finding.message
@@ -145,7 +141,7 @@ def test_adapter_trained_on_another_commit_of_the_aligned_repo() -> None:
     other = CHAT_SNAPSHOT + "f" * 40
     [finding] = check_adapter(trained_on(other), BASE, ALIGNED)
     assert finding.code == "adapter-revision"
-    assert finding.values["adapter_revision"] == "f" * 40
+    assert finding.values["trained_revision"] == "f" * 40
     assert finding.values["aligned_revision"] == "a" * 40
     config = trained_on("meta-llama/Llama-2-7b-chat-hf", revision="f" * 40)  # PEFT's field
     assert codes(check_adapter(config, BASE, ALIGNED)) == ["adapter-revision"]
@@ -179,7 +175,7 @@ def test_hostile_names_are_escaped_in_messages_and_kept_raw_in_values() -> None:
     assert "\x1b" not in finding.message
     assert "\n" not in finding.message
     assert len(finding.message) < 600
-    assert finding.values["adapter_base_model"] == name
+    assert finding.values["trained_on"] == name
 
 
 # --- the pair -----------------------------------------------------------------------------------
@@ -197,6 +193,22 @@ def test_the_same_model_twice_is_refused_as_a_usage_error(tmp_path: Path) -> Non
     assert codes(check_pair(ALIGNED, ALIGNED)) == ["same-model"]
     cached = model_input("local-copy") | {"path": CHAT_SNAPSHOT + "a" * 40}
     assert codes(check_pair(cached, ALIGNED)) == ["same-model"]  # same snapshot, two spellings
+
+
+def test_a_full_fine_tune_is_checked_through_its_config_name_or_path() -> None:
+    config = {"model_type": "llama", "_name_or_path": "meta-llama/Llama-2-7b-hf"}
+    [finding] = check_adapter(config, BASE, ALIGNED)
+    assert finding.code == "adapter-names-base"
+    assert finding.message.startswith("the fine-tune was trained on meta-llama/Llama-2-7b-hf")
+    config["_name_or_path"] = "meta-llama/Llama-2-7b-chat-hf"
+    assert check_adapter(config, BASE, ALIGNED) == []
+
+
+def test_two_folders_or_repos_of_one_name_are_a_warning() -> None:
+    mirror = model_input("NousResearch/Llama-2-7b-chat-hf", "NousResearch/Llama-2-7b-chat-hf")
+    [finding] = check_pair(mirror, ALIGNED)
+    assert (finding.code, finding.fatal) == ("pair-same-name", False)
+    assert codes(check_pair(model_input("/a/model"), model_input("/b/model"))) == ["pair-same-name"]
 
 
 def test_two_commits_of_one_repo_are_a_valid_pair() -> None:

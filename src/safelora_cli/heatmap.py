@@ -22,7 +22,15 @@ from rich.console import Console, Group
 from rich.style import Style
 from rich.text import Text
 
-from safelora_cli.heatmap_layout import Cell, Layout, Stack, column_headers, layout, title
+from safelora_cli.heatmap_layout import (
+    Cell,
+    Layout,
+    Stack,
+    colour,
+    column_headers,
+    layout,
+    title,
+)
 from safelora_cli.untrusted import printable
 
 MAX_WIDTH = 100
@@ -160,17 +168,7 @@ def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width, break_on_hyphens=False) or [""]
 
 
-def _colour(cosine: float) -> Color:
-    """Red (0) through yellow (0.5) to green (1): ColorBrewer's RdYlGn ends and middle."""
-    stops = ((0.0, (215, 48, 39)), (0.5, (254, 224, 139)), (1.0, (26, 152, 80)))
-    x = min(1.0, max(0.0, cosine))
-    (x0, c0), (x1, c1) = (stops[0], stops[1]) if x <= 0.5 else (stops[1], stops[2])
-    t = (x - x0) / (x1 - x0)
-    red, green, blue = (round(u + (v - u) * t) for u, v in zip(c0, c1, strict=True))
-    return Color.from_rgb(red, green, blue)
-
-
 def _style(cell: Cell) -> Style:
     if cell.cosine is None:
         return Style(dim=True)
-    return Style(color="black", bgcolor=_colour(cell.cosine), bold=cell.projected)
+    return Style(color="black", bgcolor=Color.from_rgb(*colour(cell.cosine)), bold=cell.projected)

@@ -38,9 +38,12 @@ class Cell:
     skipped: int = 0
     invalid: int = 0
     modules: int = 0
+    names: list[str] = field(default_factory=list)  # the first few, for tooltips
 
     def add(self, entry: Mapping[str, Any], cut: float | None) -> None:
         self.modules += 1
+        if len(self.names) < 4:
+            self.names.append(str(entry.get("module")))
         cosine, bound = number(entry.get("cosine")), number(entry.get("cosine_bound"))
         if cosine is None:
             if entry.get("skipped"):
@@ -139,6 +142,7 @@ def _merge(into: Cell, cell: Cell) -> None:
         into.cosine = cell.cosine if into.cosine is None else min(into.cosine, cell.cosine)
     into.projected |= cell.projected
     into.uncertain |= cell.uncertain
+    into.names = (into.names + cell.names)[:4]
     into.skipped += cell.skipped
     into.invalid += cell.invalid
     into.modules += cell.modules
@@ -187,6 +191,16 @@ def summary_line(report: Mapping[str, Any], counts: dict[str, int], cut: float |
         rule += f"; cut {cut:.4g}"
     return (f"{counts['projected']} of {counts['modules']} modules projected ({rule}), "
             f"{counts['skipped']} skipped")  # fmt: skip
+
+
+def colour(cosine: float) -> tuple[int, int, int]:
+    """Red (0) through yellow (0.5) to green (1): ColorBrewer's RdYlGn ends and middle."""
+    stops = ((0.0, (215, 48, 39)), (0.5, (254, 224, 139)), (1.0, (26, 152, 80)))
+    x = min(1.0, max(0.0, cosine))
+    (x0, c0), (x1, c1) = (stops[0], stops[1]) if x <= 0.5 else (stops[1], stops[2])
+    t = (x - x0) / (x1 - x0)
+    red, green, blue = (round(u + (v - u) * t) for u, v in zip(c0, c1, strict=True))
+    return red, green, blue
 
 
 def _short(value: Any) -> str:

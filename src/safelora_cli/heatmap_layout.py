@@ -165,7 +165,7 @@ def column_headers(columns: list[str]) -> dict[str, str]:
 
 
 def title(report: Mapping[str, Any], width: int) -> str:
-    """ "safelora scores: NAME (kind)", the name shortened in the middle to fit ``width``."""
+    """The title line, 'safelora scores: NAME (kind)', NAME shortened to fit ``width``."""
     inputs = mapping(report, "inputs")
     kind = report.get("kind") if isinstance(report.get("kind"), str) else "adapter"
     for role in ("adapter", "finetune", "model"):
@@ -182,6 +182,7 @@ def title(report: Mapping[str, Any], width: int) -> str:
 
 
 def summary_line(report: Mapping[str, Any], counts: dict[str, int], cut: float | None) -> str:
+    """'6 of 16 modules projected (number, K=10; cut 0.379), 1 skipped'."""
     settings = mapping(report, "settings")
     if settings.get("select") == "threshold":
         rule = f"threshold, T={_short(settings.get('threshold'))}"
@@ -209,11 +210,13 @@ def _short(value: Any) -> str:
 
 
 def mapping(report: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``report[key]`` if it is a mapping, else an empty one (reports may be malformed)."""
     value = report.get(key)
     return value if isinstance(value, Mapping) else {}
 
 
 def number(value: Any) -> float | None:
+    """A finite int or float as float; anything else (None, NaN, a string, a bool) is None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None

@@ -164,8 +164,9 @@ def check_scores(report: Mapping[str, Any]) -> list[Finding]:
             f"base and aligned are identical in {identical} of {len(modules)} adapted modules "
             "(skipped): check that --aligned is the aligned model", values)]  # fmt: skip
     if zero == len(modules):
+        updates = "weight updates" if report.get("kind") == "full" else "LoRA updates"
         return [Finding("adapter-is-zero",
-            f"every one of the {len(modules)} LoRA updates is zero (an untrained adapter?): "
+            f"every one of the {len(modules)} {updates} is zero (an untrained adapter?): "
             "there is nothing to project", values)]  # fmt: skip
     return []
 

@@ -1,0 +1,53 @@
+"""Untrusted strings (tensor names, paths, config values) made safe to show.
+
+Names come from adapters and models downloaded from strangers: a name can hold terminal escape
+sequences (ESC, BEL, C1 controls), bidirectional overrides that reorder what the reader sees,
+newlines that forge a second message line, or be thousands of characters long. ``printable``
+turns any of them into one visible line of bounded length. Rich markup is not this module's
+concern: the display code builds ``rich.text.Text`` objects, which never interpret markup.
+"""
+
+from __future__ import annotations
+
+import re
+
+# C0 and C1 controls, DEL, line/paragraph separators and the bidi embedding/override/isolate
+# marks ("Trojan Source"): each is shown as a visible escape, never written raw.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+ELLIPSIS = "..."
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def printable(text: object, limit: int = 80, ascii_only: bool = False) -> str:
+    """One safe line for ``text``: controls escaped (``\\x1b``), shortened in the middle.
+
+    Args:
+        text: any value; non-strings are shown through ``str``.
+        limit: the longest result, in characters (at least 8); the middle of a longer text is
+            replaced by "...", so both the start and the end (usually the leaf name) stay visible.
+        ascii_only: also escape every non-ASCII character (for plain-text output whose
+            encoding is unknown, such as CI logs).
+    Returns:
+        The escaped, shortened text.
+    Example:
+        >>> printable("model.layers.0.\\x1b]0;owned\\x07q_proj")
+        'model.layers.0.\\\\x1b]0;owned\\\\x07q_proj'
+    """
+    shown = _UNSAFE.sub(_escape, str(text))
+    if ascii_only:
+        shown = shown.encode("ascii", "backslashreplace").decode("ascii")
+    return shorten(shown, limit)
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` characters, else its start and end around "..."."""
+    limit = max(limit, 2 * len(ELLIPSIS) + 2)
+    if len(text) <= limit:
+        return text
+    keep = limit - len(ELLIPSIS)
+    head = keep - keep // 2
+    return text[:head] + ELLIPSIS + text[len(text) - keep // 2 :]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -232,9 +233,9 @@ def test_card_of_a_real_run(trio: Trio, cli: Cli, tmp_path: Path) -> None:
 
 
 def test_read_card_reads_a_regular_file_and_caps_its_size(tmp_path: Path) -> None:
-    assert read_card(tmp_path) == (None, [])
+    assert read_card(tmp_path, tmp_path.resolve()) == (None, [])
     (tmp_path / "README.md").write_bytes(b"x" * (MAX_CARD_BYTES + 100))
-    data, warnings = read_card(tmp_path)
+    data, warnings = read_card(tmp_path, tmp_path.resolve())
     assert data is not None
     assert len(data) == MAX_CARD_BYTES + 1  # enough for build_card to see it is too large
     assert warnings == []
@@ -246,15 +247,16 @@ def test_read_card_refuses_links_out_of_the_folder_and_special_files(tmp_path: P
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "README.md").symlink_to(secret)
-    data, warnings = read_card(adapter)
+    inside = adapter.resolve()
+    data, warnings = read_card(adapter, inside)
     assert data is None
     assert "leads outside its folder" in warnings[0]
     (adapter / "README.md").unlink()
     (adapter / "README.md").symlink_to(adapter / "README.md")
-    assert "symlink loop" in read_card(adapter)[1][0]
+    assert "symbolic links" in read_card(adapter, inside)[1][0]  # a loop
     (adapter / "README.md").unlink()
     os.mkfifo(adapter / "README.md")  # would block a plain open() for ever
-    data, warnings = read_card(adapter)
+    data, warnings = read_card(adapter, inside)
     assert data is None
     assert "not a regular file" in warnings[0]
 
@@ -267,13 +269,13 @@ def test_read_card_follows_a_hub_snapshot_link_into_its_own_blobs(tmp_path: Path
     snapshot = repo / "snapshots" / ("e" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "README.md").symlink_to(Path("../../blobs") / blob.name)
-    assert read_card(snapshot) == (b"# cached card\n", [])
+    assert read_card(snapshot, repo.resolve()) == (b"# cached card\n", [])
     other = tmp_path / "hub" / "models--org--other" / "blobs"
     other.mkdir(parents=True)
     shutil.move(blob, other / blob.name)
     (snapshot / "README.md").unlink()
     (snapshot / "README.md").symlink_to(other / blob.name)  # another repo's blob: refused
-    assert read_card(snapshot)[0] is None
+    assert read_card(snapshot, repo.resolve())[0] is None
 
 
 @pytest.mark.slow
@@ -294,11 +296,13 @@ def test_peft_loads_a_patched_adapter_whose_readme_is_the_card(cli: Cli, tmp_pat
     result = cli([*args, "--output", str(out), "--num-layers", "2", "--quiet"])
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "safelora_report.json").read_text())
-    original, warnings = read_card(adapter)
+    original, warnings = read_card(adapter, adapter.resolve())
     assert original == peft_card
     assert warnings == []
-    card = build_card(original, report, "adapter", ["safelora", *args])
-    (out / "README.md").write_bytes(card.text.encode())
+    written = (out / "README.md").read_bytes()  # safelora's card, with PEFT's text under it
+    command = ["safelora", *args, "--output", str(out), "--num-layers", "2", "--quiet"]
+    assert shlex.join(command) in written.decode()  # the command line, as it was run
+    assert report["summary"]["projected"] >= 2
 
     loaded = ModelCard.load(out / "README.md")
     assert loaded.data.library_name == "peft"

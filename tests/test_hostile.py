@@ -41,6 +41,7 @@ def no_staging(folder: Path) -> bool:
 def test_sidecar_linking_outside_is_not_copied_and_warned(trio: Trio, tmp_path: Path) -> None:
     secret = tmp_path / "token"
     secret.write_bytes(SECRET)
+    (trio.adapter / "notes.txt").symlink_to(secret)
     (trio.adapter / "README.md").symlink_to(secret)
     (trio.adapter / "docs").mkdir()
     (trio.adapter / "docs" / "card.md").write_text("inside")
@@ -48,13 +49,14 @@ def test_sidecar_linking_outside_is_not_copied_and_warned(trio: Trio, tmp_path: 
     out = tmp_path / "out"
     result = invoke(patch_args(trio, out, "--quiet"))
     assert result.exit_code == 0, result.stderr
-    assert not (out / "README.md").exists()
+    assert not (out / "notes.txt").exists()
     assert (out / "CARD.md").read_text() == "inside"
     assert all(SECRET not in p.read_bytes() for p in out.iterdir() if p.is_file())
-    assert "warning:" in result.stderr
-    assert "README.md: not copied" in result.stderr
+    assert "notes.txt: not copied" in result.stderr
+    assert "README.md leads outside its folder" in result.stderr
+    assert (out / "README.md").read_text().startswith("---\n")  # a card of our own instead
     report = json.loads((out / REPORT_NAME).read_text())
-    assert [w["code"] for w in report["warnings"]] == ["file-outside-input"]
+    assert sorted(w["code"] for w in report["warnings"]) == ["file-outside-input", "model-card"]
 
 
 def test_hub_snapshot_links_into_its_repository_are_copied(tmp_path: Path) -> None:
@@ -79,18 +81,18 @@ def test_hub_snapshot_links_into_its_repository_are_copied(tmp_path: Path) -> No
 def test_unreadable_sidecar_is_an_input_error(
     trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (trio.adapter / "README.md").write_text("card")
+    (trio.adapter / "tokenizer.json").write_text("{}")
     real_open = Path.open
 
     def refuse(self: Path, *args: object, **kwargs: object) -> object:
-        if self.name == "README.md" and self.parent == trio.adapter:
+        if self.name == "tokenizer.json" and self.parent == trio.adapter:
             raise PermissionError(13, "Permission denied", str(self))
         return real_open(self, *args, **kwargs)  # type: ignore[call-overload]
 
     monkeypatch.setattr(Path, "open", refuse)
     out = tmp_path / "out"
     result = invoke(patch_args(trio, out, "--quiet"))
-    assert_error(result, ExitCode.CORRUPT, str(trio.adapter / "README.md"), "cannot read")
+    assert_error(result, ExitCode.CORRUPT, str(trio.adapter / "tokenizer.json"), "cannot read")
     assert not out.exists()
     assert no_staging(tmp_path)
 
@@ -296,11 +298,11 @@ def test_batch_writing_failure_publishes_nothing(
     second.mkdir()
     for src in trio.adapter.iterdir():
         (second / src.name).write_bytes(src.read_bytes())
-    (second / "README.md").write_text("second")
+    (second / "tokenizer.json").write_text("{}")
     real_open = Path.open
 
     def refuse(self: Path, *args: object, **kwargs: object) -> object:
-        if self == second / "README.md":
+        if self == second / "tokenizer.json":
             raise PermissionError(13, "Permission denied", str(self))
         return real_open(self, *args, **kwargs)  # type: ignore[call-overload]
 
@@ -308,7 +310,7 @@ def test_batch_writing_failure_publishes_nothing(
     out = tmp_path / "out"
     args = ["patch", str(trio.adapter), str(second), "--base", str(trio.base),
             "--aligned", str(trio.aligned), "--output", str(out), "--num-layers", "3"]  # fmt: skip
-    assert_error(invoke(args), ExitCode.CORRUPT, "README.md")
+    assert_error(invoke(args), ExitCode.CORRUPT, "tokenizer.json")
     assert not out.exists()  # the first adapter, written fine, was not published either
     assert no_staging(tmp_path)
 
@@ -377,7 +379,7 @@ def test_dimension_past_any_tensor_is_corrupt(trio: Trio) -> None:
 def test_warnings_are_printed_even_when_quiet(trio: Trio, tmp_path: Path) -> None:
     secret = tmp_path / "token"
     secret.write_bytes(SECRET)
-    (trio.adapter / "README.md").symlink_to(secret)
+    (trio.adapter / "notes.txt").symlink_to(secret)
     result = invoke(patch_args(trio, tmp_path / "out", "--quiet"))
     assert result.exit_code == 0
     assert result.stderr.startswith("warning: ")

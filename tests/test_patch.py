@@ -33,6 +33,7 @@ Cli = Callable[..., Result]
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 REPORT = "safelora_report.json"
+CARD = "README.md"
 LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$"
 )
@@ -220,7 +221,7 @@ def test_patch_matches_dense_reference(
     assert result.exit_code == 0, result.stderr
     assert result.stdout == f"{out}\n"
     assert result.stderr == ""
-    assert sorted(p.name for p in out.iterdir()) == [CONFIG, WEIGHTS, REPORT]
+    assert sorted(p.name for p in out.iterdir()) == [CARD, CONFIG, WEIGHTS, REPORT]
     assert staging_leftovers(tmp_path) == []
     assert snapshot(trio.adapter) == adapter_before  # the input is never written
 
@@ -414,7 +415,7 @@ def test_report_path_writes_there_and_not_in_output(trio: Trio, cli: Cli, tmp_pa
     result = cli(trio.patch_args(out, "--report", str(report_file), "--json", "--quiet"))
     assert result.exit_code == 0, result.stderr
     assert not (out / REPORT).exists()
-    assert sorted(p.name for p in out.iterdir()) == [CONFIG, WEIGHTS]
+    assert sorted(p.name for p in out.iterdir()) == [CARD, CONFIG, WEIGHTS]
     written = json.loads(report_file.read_text())
     assert written == json.loads(result.stdout)
     assert written["output"] == str(out)
@@ -525,7 +526,9 @@ def test_force_replaces_our_files_and_keeps_others(trio: Trio, cli: Cli, tmp_pat
         report["summary"]["projected"]
         == json.loads((fresh / REPORT).read_text())["summary"]["projected"]
     )
-    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG, WEIGHTS, REPORT, "notes.txt"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [CARD, CONFIG, WEIGHTS, REPORT, "notes.txt"]
+    )
     assert staging_leftovers(tmp_path) == []
 
 
@@ -546,7 +549,7 @@ def test_other_files_are_copied_but_stale_pickle_weights_are_not(
     trio: Trio, cli: Cli, tmp_path: Path
 ) -> None:
     """An unpatched adapter_model.bin beside the output would undo the patch for loaders that
-    prefer it; tokenizer files and the README travel with the adapter."""
+    prefer it; tokenizer files travel with the adapter, and its README under safelora's card."""
     (trio.adapter / "README.md").write_text("my adapter")
     (trio.adapter / "tokenizer_config.json").write_text("{}")
     (trio.adapter / "adapter_model.bin").write_bytes(b"stale unpatched pickle")
@@ -556,4 +559,6 @@ def test_other_files_are_copied_but_stale_pickle_weights_are_not(
     assert result.exit_code == 0, result.stderr
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([CONFIG, WEIGHTS, REPORT, "README.md", "tokenizer_config.json"])
-    assert (out / "README.md").read_text() == "my adapter"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n")
+    assert card.endswith("\nmy adapter")  # the original text, unchanged, under the card

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from typer.testing import Result
 
-from safelora_cli.errors import IncompatibleInputError, UsageError
+from safelora_cli.errors import ExitCode, IncompatibleInputError, UsageError
 from safelora_cli.modelref import Match, ModelRef, compare, hub_cache_location, parse_ref
 from safelora_cli.provenance import (
     check_adapter,
@@ -273,12 +273,9 @@ def test_scores_of_a_pair_identical_everywhere_are_refused(
     trio = make_trio(projs=("q_proj", "v_proj"), identical=tuple(trio.modules))
     args = ["score", str(trio.adapter), "--base", str(trio.base), "--aligned", str(trio.aligned)]
     result = cli([*args, "--num-layers", "1", "--json"])
-    assert result.exit_code == 0, result.stderr  # today: a silent "nothing to project"
-    [finding] = check_scores(json.loads(result.stdout))
-    assert finding.code == "no-alignment-difference"
-    assert finding.fatal
-    with pytest.raises(IncompatibleInputError, match="identical in all 4"):
-        refuse([finding])
+    assert result.exit_code == ExitCode.INCOMPATIBLE  # not a silent "nothing to project"
+    assert "identical in all 4" in result.stderr
+    assert result.stdout == ""
 
 
 def test_scores_mostly_identical_or_all_zero_are_warnings() -> None:

@@ -137,7 +137,7 @@ def test_runs_started_together_never_mix(trio: Trio, tmp_path: Path, force: bool
     else:
         assert codes.count(0) == 1, (codes, errors)
         assert sorted(codes) == [0] + [int(ExitCode.FILESYSTEM)] * (RUNS - 1), errors
-    winner = int((output / "README.md").read_text().split()[1])
+    winner = int((output / "README.md").read_text().rsplit("run ", 1)[1].split()[0])
     # the report and the card come from the same run
     report = json.loads((output / REPORT_NAME).read_text())
     assert report["inputs"]["adapter"]["path"] == str(tmp_path / f"adapter{winner}")

@@ -8,16 +8,16 @@ not YAML or not a mapping, a YAML bomb, megabytes of text) ends in a valid card 
 string for the caller, never an exception or a hang.
 
 ``build_card`` is a pure function of plain data (the card's bytes or text, the report dict, the
-command line). ``read_card`` reads an input folder's README.md under the same rules as the other
-files copied from it: regular files only, never through a symlink that leads out of the folder
-(or, for a hub snapshot, out of its cached repository), and at most ``MAX_CARD_BYTES``.
+command line). ``read_card`` reads an input folder's README.md under the rules of the other files
+copied from it (``writer.OutputFolder.copy_files``): regular files only, never through a symlink
+that leads out of the folder (or, for a hub snapshot, out of its cached repository), and at most
+``MAX_CARD_BYTES``.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,9 @@ from huggingface_hub import ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from safelora_cli.card_section import heading, section_lines
+from safelora_cli.errors import CorruptFileError
 from safelora_cli.modelref import is_hub_id, ref_from_input
+from safelora_cli.smallfiles import open_regular
 from safelora_cli.untrusted import printable
 
 CARD_NAME = "README.md"
@@ -91,39 +93,27 @@ def build_card(
     return Card(f"---{newline}{front}{section}{separator}{body}", metadata, tuple(warnings))
 
 
-def read_card(folder: Path) -> tuple[bytes | None, list[str]]:
+def read_card(folder: Path, inside: Path) -> tuple[bytes | None, list[str]]:
     """The README.md of an input folder, or None; and warnings for a card that was not read.
 
-    Reads only a regular file that lives inside ``folder`` (or, for a hub snapshot, inside its
-    cached repository, whose files are symlinks to blobs), and at most ``MAX_CARD_BYTES + 1``
-    bytes: ``build_card`` recognises a larger card from the length and leaves it out.
+    Reads only a regular file that lives inside ``inside`` (the folder, or for a hub snapshot its
+    cached repository, whose files are symlinks to blobs: ``ResolvedInput.trusted_root``), and at
+    most ``MAX_CARD_BYTES + 1`` bytes: ``build_card`` recognises a larger card from the length
+    and leaves it out.
     """
     path = folder / CARD_NAME
-    if not path.is_symlink() and not path.exists():
+    if not os.path.lexists(path):
         return None, []
     where = printable(path, limit=200)
-    try:
-        target, root = path.resolve(), folder.resolve()
-    except (OSError, RuntimeError):  # a symlink loop
-        return None, [f"{where} is a symlink loop: not used in the model card"]
-    if not any(target.is_relative_to(r) for r in [root, *_cache_repo(root)]):
+    target = Path(os.path.realpath(path))
+    if not target.is_relative_to(inside):
         return None, [f"{where} leads outside its folder (a symlink): not used in the model card"]
     try:
-        fd = os.open(target, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                return None, [f"{where} is not a regular file: not used in the model card"]
+        with open_regular(target) as file:
             return file.read(MAX_CARD_BYTES + 1), []
-    except OSError as exc:
-        return None, [f"{where} cannot be read ({exc.strerror}): not used in the model card"]
-
-
-def _cache_repo(folder: Path) -> list[Path]:
-    # .../models--org--name/snapshots/<commit>: its files link to ../../blobs/<hash>
-    for parent in folder.parents:
-        if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
-            return [parent.parent]
-    return []
+    except (CorruptFileError, OSError) as exc:
+        reason = exc.message if isinstance(exc, CorruptFileError) else exc.strerror
+        return None, [f"{where} cannot be used ({reason}): not used in the model card"]
 
 
 def _decode(original: str | bytes | None, warnings: list[str]) -> str:

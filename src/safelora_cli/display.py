@@ -20,7 +20,7 @@ from rich.table import Table
 
 from safelora_cli.notices import NOTE, Notice, NotifyFn
 from safelora_cli.report import SHORT_REASONS
-from safelora_cli.text import safe_text
+from safelora_cli.untrusted import safe_text
 
 ProgressFn = Any  # pipeline.ProgressFn, without importing torch
 
@@ -33,25 +33,34 @@ def shown(text: Any) -> str:
 
 @contextmanager
 def progress_bar(console: Console, quiet: bool) -> Iterator[ProgressFn | None]:
-    """A transient progress bar over the weights, or None when quiet or not on a terminal."""
+    """A transient progress bar over the bytes of weights read: speed and time left; None when
+    quiet or not on a terminal."""
     if quiet or not console.is_terminal:  # off a terminal, rich would only add a blank line
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     with Progress(
         TextColumn("[bold]scoring"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
         TextColumn("{task.description}"),
         console=console,
         transient=True,
     ) as bar:
         task = bar.add_task("", total=None)
 
-        def update(done: int, total: int, module: str) -> None:
-            bar.update(task, completed=done, total=total, description=shown(module))
+        def update(done: int, total: int, weight: str) -> None:
+            bar.update(task, completed=done, total=total, description=shown(weight))
 
         yield update
 
@@ -117,13 +126,22 @@ def emit_results(
     """
     if not quiet:
         for report in reports:
-            show_safely(console, summary_table, report)
+            show_report(console, report)
     if as_json:  # ASCII only (json escapes the rest): any terminal encoding prints it
         write_stdout(json.dumps(reports if batch else reports[0], indent=2) + "\n")
         return
     for report in reports:
         if report["output"] is not None:
             write_stdout(report["output"] + "\n")
+
+
+def show_report(console: Console, report: dict[str, Any]) -> None:
+    """A report on stderr: the per-layer heat map of its cosines, then the table of the modules
+    projected and skipped; either failing to render is a warning."""
+    from safelora_cli.heatmap import print_heatmap
+
+    show_safely(console, print_heatmap, report)
+    show_safely(console, summary_table, report)
 
 
 def write_stdout(text: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from safelora_cli.text import safe_text
+from safelora_cli.untrusted import safe_text
 
 
 class ExitCode(IntEnum):

@@ -18,14 +18,23 @@ NOTE = "note"
 @dataclass(frozen=True)
 class Notice:
     """One notice: a stable ``code`` for scripts ("file-outside-input", ...), a message, and a
-    level: a ``warning`` (listed in the report) or a ``note`` (for a person at a terminal)."""
+    level: a ``warning`` (listed in the report) or a ``note`` (for a person at a terminal).
+
+    ``values`` holds the raw values compared (for the report); ``adapter`` the adapter folder
+    a notice is about, so that each report of a batch lists its own (None: the whole run).
+    """
 
     code: str
     message: str
     level: str = WARNING
+    values: dict[str, Any] | None = field(default=None, compare=False)
+    adapter: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message}
+        entry: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.values:
+            entry["values"] = self.values
+        return entry
 
 
 NotifyFn = Callable[[Notice], None]
@@ -37,15 +46,31 @@ class Notices:
 
     notify: NotifyFn | None = None
     items: list[Notice] = field(default_factory=list)
+    adapter: str | None = None  # what ``add`` files notices under when not told
 
-    def add(self, code: str, message: str, level: str = WARNING) -> None:
-        notice = Notice(code, message, level)
+    def scoped(self, adapter: str) -> Notices:
+        """A view that files its notices under ``adapter``, into the same list."""
+        return Notices(self.notify, self.items, adapter)
+
+    def add(
+        self,
+        code: str,
+        message: str,
+        level: str = WARNING,
+        values: dict[str, Any] | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        notice = Notice(code, message, level, values, adapter or self.adapter)
         if notice in self.items:  # the same file seen for each adapter of a batch
             return
         self.items.append(notice)
         if self.notify is not None:
             self.notify(notice)
 
-    def as_list(self) -> list[dict[str, Any]]:
-        """The warnings, as the report lists them."""
-        return [notice.as_dict() for notice in self.items if notice.level == WARNING]
+    def as_list(self, adapter: str | None = None) -> list[dict[str, Any]]:
+        """The warnings as the report of ``adapter`` lists them: the run's and its own."""
+        return [
+            notice.as_dict()
+            for notice in self.items
+            if notice.level == WARNING and notice.adapter in (None, adapter)
+        ]

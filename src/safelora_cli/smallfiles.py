@@ -105,25 +105,34 @@ def depth(value: Any) -> int:
     return deepest
 
 
-def _checked_object(
-    value: Any, path: Path, what: str, error: type[SafeLoraError]
-) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise error(f"{path}: {what} is not a JSON object")
+def _checked(
+    value: Any, path: Path, what: str, error: type[SafeLoraError], kinds: tuple[type, ...]
+) -> Any:
+    if not isinstance(value, kinds):
+        names = {"dict": "a JSON object", "list": "a JSON list"}
+        expected = " or ".join(names.get(kind.__name__, kind.__name__) for kind in kinds)
+        raise error(f"{path}: {what} is not {expected}")
     if depth(value) > MAX_DEPTH:
         raise error(f"{path}: {what} is nested more than {MAX_DEPTH} levels deep")
     return value
 
 
-def decode_json(raw: bytes, path: Path, what: str, error: type[SafeLoraError]) -> dict[str, Any]:
-    """Decode JSON bytes that must hold one object, rejecting duplicate keys and deep nesting."""
+def decode_json(
+    raw: bytes,
+    path: Path,
+    what: str,
+    error: type[SafeLoraError],
+    kinds: tuple[type, ...] = (dict,),
+) -> Any:
+    """Decode JSON bytes holding one of ``kinds`` (an object by default), rejecting duplicate
+    keys and deep nesting."""
     try:
         value = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
     except DuplicateKey as exc:
         raise error(f"{path}: {what} has the key {exc.key!r} twice") from exc
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise error(f"{path}: {what} is not valid JSON ({exc})", "re-export the file") from exc
-    return _checked_object(value, path, what, error)
+    return _checked(value, path, what, error, kinds)
 
 
 def load_json(
@@ -138,7 +147,8 @@ def load_json(
         >>> load_json(Path("adapter/adapter_config.json"), "adapter config")["r"]
         16
     """
-    return decode_json(read_small(path, what, limit, error), path, what, error)
+    value: dict[str, Any] = decode_json(read_small(path, what, limit, error), path, what, error)
+    return value
 
 
 def decode_toml(
@@ -149,7 +159,8 @@ def decode_toml(
         value = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise error(f"{path}: {what} is not valid TOML ({exc})", "fix the file's syntax") from exc
-    return _checked_object(value, Path(path), what, error)
+    checked: dict[str, Any] = _checked(value, Path(path), what, error, (dict,))
+    return checked
 
 
 def load_toml(

@@ -3,18 +3,26 @@
 Names come from adapters and models downloaded from strangers: a name can hold terminal escape
 sequences (ESC, BEL, C1 controls), bidirectional overrides that reorder what the reader sees,
 newlines that forge a second message line, or be thousands of characters long. ``printable``
-turns any of them into one visible line of bounded length. Rich markup is not this module's
-concern: the display code builds ``rich.text.Text`` objects, which never interpret markup.
+turns any of them into one visible line of bounded length; ``safe_text`` does the same for a
+whole message (an error line), shortening each over-long word (a path, a name) in it. Rich markup
+is not this module's concern: the display code escapes it or builds ``rich.text.Text`` objects,
+which never interpret markup.
 """
 
 from __future__ import annotations
 
 import re
 
-# C0 and C1 controls, DEL, line/paragraph separators and the bidi embedding/override/isolate
-# marks ("Trojan Source"): each is shown as a visible escape, never written raw.
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls, DEL, line/paragraph separators, the bidi marks, embeddings, overrides and
+# isolates ("Trojan Source"), and unpaired surrogates (file names that are not valid UTF-8): each
+# is shown as a visible escape, never written raw.
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 ELLIPSIS = "..."
+MAX_WORD = 160
+"""In a message, a longer run of non-space characters (a path, a tensor name) is shortened."""
+_LONG = re.compile(rf"\S{{{MAX_WORD + 1},}}")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -51,3 +59,19 @@ def shorten(text: str, limit: int) -> str:
     keep = limit - len(ELLIPSIS)
     head = keep - keep // 2
     return text[:head] + ELLIPSIS + text[len(text) - keep // 2 :]
+
+
+def _shorten_word(match: re.Match[str]) -> str:
+    word = match.group()
+    return f"{shorten(word, MAX_WORD)} ({len(word)} chars)"
+
+
+def safe_text(text: str) -> str:
+    """A message (an error or warning line) made safe: controls escaped as in ``printable``,
+    each word over ``MAX_WORD`` characters shortened in the middle, nothing else changed.
+
+    Example:
+        >>> safe_text("--output x\nINJECTED: is a symlink")
+        '--output x\\x0aINJECTED: is a symlink'
+    """
+    return _LONG.sub(_shorten_word, _UNSAFE.sub(_escape, text))

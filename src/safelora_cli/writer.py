@@ -12,6 +12,7 @@ What goes into an adapter folder (the copy policy) is ``write_adapter``'s.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -20,11 +21,11 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import save_file
@@ -223,6 +224,10 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
                 continue
             _copy_input(src, self.path / src.name)
 
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write one file of the output."""
+        (self.path / name).write_bytes(data)
+
     def write_report(self, report: dict[str, Any]) -> None:
         """Write the report last, listing every file of the output (``files``)."""
         report["files"] = sorted({p.name for p in self.path.iterdir()} | {REPORT_NAME})
@@ -373,9 +378,10 @@ def write_adapter(
     replaced: Mapping[str, torch.Tensor],
     inside: Path,
     notices: Notices,
+    skip: frozenset[str] = frozenset(),
 ) -> None:
     """Write a patched adapter: its tensors with ``replaced`` ones swapped in (every other one
-    byte-identical), ``adapter_config.json`` and the folder's other files.
+    byte-identical), ``adapter_config.json`` and the folder's other files but ``skip``.
 
     Args:
         out: the output being written.
@@ -394,8 +400,8 @@ def write_adapter(
             for name, info in adapter.weights.tensors.items()
         }
         out.save_tensors(WEIGHTS_NAME, tensors, adapter.weights.metadata)
-    skip = {WEIGHTS_NAME, REPORT_NAME}
-    out.copy_files(adapter.root, skip, inside, notices, trusted={CONFIG_NAME})
+    ours = {WEIGHTS_NAME, REPORT_NAME} | skip
+    out.copy_files(adapter.root, ours, inside, notices, trusted={CONFIG_NAME})
     if not (out.path / CONFIG_NAME).is_file():
         raise CorruptFileError(f"{adapter.root / CONFIG_NAME}: removed during the run")
 
@@ -411,13 +417,12 @@ def cast_checked(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.T
     return out
 
 
-def _stage_json(path: Path, value: Any) -> Path:
-    """Write JSON to a temporary file beside ``path`` (synced to disk) and return it."""
+def _stage_file(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a temporary file beside ``path`` with ``write`` (synced to disk) and return it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(value, fh, indent=2, allow_nan=False)
-            fh.write("\n")
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
@@ -426,11 +431,29 @@ def _stage_json(path: Path, value: Any) -> Path:
     return Path(tmp)
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically: to a temporary file beside ``path``, then renamed over it."""
-    tmp = _stage_json(path, value)
+def _stage_json(path: Path, value: Any) -> Path:
+    def dump(fh: BinaryIO) -> None:
+        text = io.TextIOWrapper(fh, encoding="utf-8", write_through=True)
+        json.dump(value, text, indent=2, allow_nan=False)
+        text.write("\n")
+        text.detach()
+
+    return _stage_file(path, dump)
+
+
+def _replace(tmp: Path, path: Path) -> None:
     try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically: to a temporary file beside ``path``, then renamed over it."""
+    _replace(_stage_file(path, lambda fh: fh.write(text.encode("utf-8"))), path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically, as ``write_text``."""
+    _replace(_stage_json(path, value), path)

@@ -1,7 +1,7 @@
 """The ``safelora`` command line: typer only; every command calls the library.
 
 One module per command: ``patch``, ``score``, ``inspect_cmd`` (not ``inspect``: the standard
-library's name) and ``presets``. ``_app`` holds the application and the stderr console,
+library's name), ``presets`` and ``show``. ``_app`` holds the application and the stderr console,
 ``_options`` the options the commands share (derived from ``settings.OPTIONS``), ``_errors`` the
 one table from exceptions to stderr lines and exit codes.
 stdout carries only the result (the output path, or the report with --json); progress, tables,
@@ -10,7 +10,7 @@ warnings and errors go to stderr. torch is imported only by commands that comput
 
 from __future__ import annotations
 
-from safelora_cli.cli import inspect_cmd, patch, presets, score  # noqa: F401  (registers them)
+from safelora_cli.cli import inspect_cmd, patch, presets, score, show  # noqa: F401  (registers)
 from safelora_cli.cli._app import app
 
 __all__ = ["app", "main"]

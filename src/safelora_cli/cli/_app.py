@@ -18,6 +18,10 @@ if not stderr.is_terminal:  # logs and CI: room for full module names
     stderr.width = max(stderr.width, 120)
 
 
+invoked: list[str] = ["safelora"]
+"""The command line of this invocation (for the model card): set when the application starts."""
+
+
 class _OneLineUsageErrors(TyperGroup):
     """Usage errors that click finds (unknown option, bad choice, missing value) as one stderr
     line with a hint, like every other error, instead of click's usage block."""
@@ -31,6 +35,7 @@ class _OneLineUsageErrors(TyperGroup):
         windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
+        invoked[:] = ["safelora", *(sys.argv[1:] if args is None else args)]
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:

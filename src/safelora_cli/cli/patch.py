@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from safelora_cli.cli._app import app, stderr
+from safelora_cli.cli._app import app, invoked, stderr
 from safelora_cli.cli._errors import errors_to_exit
 from safelora_cli.cli._options import (
     AdaptersArg,
@@ -67,7 +67,7 @@ def patch(
                 results = pipeline.patch_many(
                     paths, config.base, config.aligned, output, config.settings,
                     force=force, revision=config.revision, progress=progress,
-                    notify=notice_printer(stderr, quiet),
+                    notify=notice_printer(stderr, quiet), command=invoked,
                 )  # fmt: skip
             else:
                 results = [
@@ -82,6 +82,7 @@ def patch(
                         revision=config.revision,
                         progress=progress,
                         notify=notice_printer(stderr, quiet),
+                        command=invoked,
                     )  # fmt: skip
                 ]
         emit_results(stderr, [r.report for r in results], as_json, quiet, batch)

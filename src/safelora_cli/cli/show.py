@@ -1,0 +1,63 @@
+"""``safelora show``: render a saved report (the heat map and the summary), as JSON or as HTML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from safelora_cli.cli._app import app, stderr
+from safelora_cli.cli._errors import errors_to_exit
+from safelora_cli.display import show_report, write_stdout
+from safelora_cli.errors import FilesystemError
+
+EXAMPLES = """\b
+Examples:
+  safelora show ./my-lora-safe/safelora_report.json
+  safelora score ./run/checkpoint-* --preset llama-2-7b-chat --json > reports.json
+  safelora show reports.json --html reports.html
+  safelora show report.json --json | jq '.summary'
+"""
+
+
+@app.command("show", epilog=EXAMPLES)
+def show_command(
+    report: Annotated[
+        Path,
+        typer.Argument(
+            help="A report: safelora_report.json, or what --json printed (one or a list).",
+            show_default=False,
+            metavar="REPORT",
+        ),
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report(s) to stdout, checked.")
+    ] = False,
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="Also write a self-contained HTML page here.", metavar="FILE"),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --html file.")
+    ] = False,
+) -> None:
+    """Show a saved report: the per-layer heat map of its cosines and the modules projected."""
+    with errors_to_exit():
+        from safelora_cli.report import read_reports
+
+        reports = read_reports(report)
+        if html is not None:
+            from safelora_cli.html_report import render_html
+            from safelora_cli.writer import write_text
+
+            if html.exists() and not force:
+                raise FilesystemError(f"--html {html}: exists", "pass --force to replace it")
+            write_text(html, render_html(reports if len(reports) > 1 else reports[0]))
+        if as_json:
+            data = reports if len(reports) > 1 else reports[0]
+            write_stdout(json.dumps(data, indent=2) + "\n")
+        else:
+            for one in reports:
+                show_report(stderr, one)

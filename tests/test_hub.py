@@ -19,12 +19,10 @@ import httpx2
 import pytest
 from huggingface_hub import constants
 from huggingface_hub import errors as hub_errors
-from typer.testing import Result
 
 from tests.conftest import Trio
-from tests.test_bad_inputs import REPORT, expect_error, expect_ok
+from tests.helpers import REPORT, Cli, expect_error, expect_ok
 
-Cli = Callable[..., Result]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 

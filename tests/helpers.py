@@ -26,7 +26,6 @@ from safelora_cli.cli import app
 from safelora_cli.errors import ExitCode
 from safelora_cli.index import INDEX_NAME, LFS_PREFIX
 from safelora_cli.report import REPORT_NAME
-from safelora_cli.writer import STAGE_PREFIX
 
 Cli = Callable[..., Result]
 WEIGHTS = WEIGHTS_NAME
@@ -39,6 +38,7 @@ Q0 = "model.layers.0.self_attn.q_proj"
 K0 = "model.layers.0.self_attn.k_proj"
 V1 = "model.layers.1.self_attn.v_proj"
 DOWN1 = "model.layers.1.mlp.down_proj"
+WORK_PREFIX = ".safelora-"  # writer.STAGE_PREFIX and the prefix of a swapped-out old output
 PROJECT_ALL = ("--select", "threshold", "--threshold", "1", "--quiet")
 LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$"
@@ -65,18 +65,19 @@ def assert_error(result: Result, code: ExitCode, *phrases: str) -> str:
     return lines[0]
 
 
-def staging_left(folder: Path) -> list[str]:
-    """Staging folders (``.safelora-tmp-*``) left in ``folder``."""
+def leftovers(folder: Path) -> list[str]:
+    """safelora's working folders left in ``folder``: staging (``.safelora-tmp-*``) or an old
+    output swapped out by ``--force`` (``.safelora-old-*``)."""
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(STAGE_PREFIX))
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(WORK_PREFIX))
 
 
 def expect_error(
     result: Result, code: ExitCode, *phrases: str, output: Path, output_existed: bool = False
 ) -> str:
     """A clean failure: exit ``code``, exactly one ``error:`` line on stderr holding every phrase,
-    no traceback, nothing on stdout, and neither the output nor a staging folder left behind."""
+    no traceback, nothing on stdout, and neither the output nor a working folder left behind."""
     detail = f"exit {result.exit_code}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}"
     assert result.exit_code == code, f"{detail}\nexception: {result.exception!r}"
     assert "Traceback" not in result.stderr, detail
@@ -90,18 +91,18 @@ def expect_error(
     if not output_existed:
         assert not output.exists(), f"{output} left behind"
         assert not output.is_symlink(), f"{output} left behind"
-    assert staging_left(output.parent) == []
+    assert leftovers(output.parent) == []
     return line
 
 
 def expect_ok(result: Result, output: Path) -> dict[str, Any]:
-    """A clean success: exit 0, the output path alone on stdout, no staging folder, finite
+    """A clean success: exit 0, the output path alone on stdout, no working folder left, finite
     tensors; returns the report written in ``output``."""
     assert result.exit_code == ExitCode.OK, (
         f"stderr: {result.stderr!r}\nexception: {result.exception!r}"
     )
     assert result.stdout == f"{output}\n"
-    assert staging_left(output.parent) == []
+    assert leftovers(output.parent) == []
     report: dict[str, Any] = json.loads((output / REPORT).read_text())
     tensors = load_file(str(output / WEIGHTS))
     assert all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.dtype in _FLOATS)

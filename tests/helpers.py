@@ -8,8 +8,11 @@ Imported by the test modules (never redefined there); constants come from the pa
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,19 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def invoke(args: list[str], **kwargs: Any) -> Result:
     """Run the CLI in-process; ``result.stdout`` and ``result.stderr`` are separate."""
     return CliRunner().invoke(app, args, **kwargs)
+
+
+def start_patch(
+    adapter: Path, base: Path, aligned: Path, output: Path, *extra: str
+) -> subprocess.Popen[str]:
+    """``python -m safelora_cli patch ... --quiet`` in a subprocess (signals, concurrent runs),
+    stdout and stderr piped, without SAFELORA_DEBUG."""
+    args = [sys.executable, "-m", "safelora_cli", "patch", str(adapter), "--base", str(base),
+            "--aligned", str(aligned), "--output", str(output), "--quiet", *extra]  # fmt: skip
+    env = {**os.environ, "SAFELORA_DEBUG": "0"}
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def assert_error(result: Result, code: ExitCode, *phrases: str) -> str:

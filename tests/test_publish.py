@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from safelora_cli import writer
 from safelora_cli.errors import ExitCode, FilesystemError
 from safelora_cli.writer import STAGE_PREFIX, OutputFolder, write_json
 from tests.conftest import Trio
-from tests.helpers import REPORT, WORK_PREFIX, Cli, expect_ok, leftovers, snapshot
+from tests.helpers import REPORT, WORK_PREFIX, Cli, expect_ok, leftovers, snapshot, start_patch
 
 
 def test_working_folders_share_the_prefix_the_tests_look_for(tmp_path: Path) -> None:
@@ -137,12 +135,6 @@ def test_report_written_alone_is_atomic(tmp_path: Path) -> None:
 RUNS = 4
 
 
-def _start(trio: Trio, adapter: Path, output: Path, *extra: str) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "safelora_cli", "patch", str(adapter), "--base", str(trio.base),
-            "--aligned", str(trio.aligned), "--output", str(output), "--quiet", *extra]  # fmt: skip
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def _adapters(trio: Trio, tmp_path: Path) -> list[Path]:
     """RUNS copies of the adapter, each with its own README (to tell the runs' files apart)."""
     copies = []
@@ -161,21 +153,21 @@ def _adapters(trio: Trio, tmp_path: Path) -> list[Path]:
 def test_runs_started_together_never_mix(trio: Trio, tmp_path: Path, force: bool) -> None:
     output = tmp_path / "out"
     procs = [
-        _start(trio, adapter, output, *(["--force"] if force else []))
+        start_patch(adapter, trio.base, trio.aligned, output, *(["--force"] if force else []))
         for adapter in _adapters(trio, tmp_path)
     ]
     codes = [proc.wait(timeout=300) for proc in procs]
     errors = [proc.stderr.read() if proc.stderr else "" for proc in procs]
     if force:
-        assert codes == [0] * RUNS, errors
+        assert codes == [ExitCode.OK] * RUNS, errors
     else:
-        assert codes.count(0) == 1, (codes, errors)
-        assert sorted(codes) == [0] + [int(ExitCode.FILESYSTEM)] * (RUNS - 1), errors
+        assert codes.count(ExitCode.OK) == 1, (codes, errors)
+        assert sorted(codes) == [ExitCode.OK] + [ExitCode.FILESYSTEM] * (RUNS - 1), errors
     winner = int((output / "README.md").read_text().split()[1])
     # the report and the card come from the same run
     report = json.loads((output / REPORT).read_text())
     assert report["inputs"]["adapter"]["path"] == str(tmp_path / f"adapter{winner}")
     assert sorted(p.name for p in output.iterdir()) == report["files"]
     if not force:
-        assert codes[winner] == 0
+        assert codes[winner] == ExitCode.OK
     assert leftovers(tmp_path) == []

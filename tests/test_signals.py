@@ -33,7 +33,16 @@ from safelora_cli.errors import ExitCode
 from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapter, make_pair
 from safelora_cli.writer import STAGE_PREFIX
 from tests.conftest import Trio
-from tests.helpers import CONFIG, REPORT, WEIGHTS, expect_ok, invoke, leftovers, snapshot
+from tests.helpers import (
+    CONFIG,
+    REPORT,
+    WEIGHTS,
+    expect_ok,
+    invoke,
+    leftovers,
+    snapshot,
+    start_patch,
+)
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or not Path("/proc/self/fd").exists(),
@@ -87,14 +96,8 @@ def uninterrupted(
     shutil.rmtree(root, ignore_errors=True)
 
 
-def start(adapter: Path, trio: dict[str, Path], output: Path, *extra: str) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "safelora_cli", "patch", str(adapter),
-            "--base", str(trio["base"]), "--aligned", str(trio["aligned"]),
-            "--output", str(output), "--quiet", *extra]  # fmt: skip
-    env = {**os.environ, "SAFELORA_DEBUG": "0"}
-    return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+def start(trio: dict[str, Path], adapter: str, output: Path, *extra: str) -> subprocess.Popen[str]:
+    return start_patch(trio[adapter], trio["base"], trio["aligned"], output, *extra)
 
 
 def wait_until(proc: subprocess.Popen[str], seen: Callable[[], bool]) -> None:
@@ -178,7 +181,7 @@ def test_signal_while_scoring_leaves_nothing(
 ) -> None:
     output = tmp_path / "out"
     extra = ("--projection", "subspace", "--rank", "900")
-    proc = start(big_trio["adapter"], big_trio, output, *extra)
+    proc = start(big_trio, "adapter", output, *extra)
     wait_until(proc, opens_file(proc.pid, big_trio["base"] / "model.safetensors"))
     proc.send_signal(signum)
     finish(proc, output, lambda: uninterrupted("adapter", *extra))
@@ -192,7 +195,7 @@ def test_signal_while_writing_leaves_nothing(
     signum: signal.Signals,
 ) -> None:
     output = tmp_path / "out"
-    proc = start(big_trio["heavy"], big_trio, output)
+    proc = start(big_trio, "heavy", output)
     wait_until(proc, staging_in(tmp_path))
     proc.send_signal(signum)
     finish(proc, output, lambda: uninterrupted("heavy"))
@@ -207,7 +210,7 @@ def test_signal_with_force_keeps_the_existing_output(
     output.mkdir()
     (output / WEIGHTS).write_bytes(b"previous run")
     (output / "notes.txt").write_text("mine")
-    proc = start(big_trio["heavy"], big_trio, output, "--force")
+    proc = start(big_trio, "heavy", output, "--force")
     wait_until(proc, staging_in(tmp_path))
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=TIMEOUT)

@@ -33,6 +33,7 @@ from safelora_cli.errors import ExitCode, SafeLoraError
 from safelora_cli.index import DTYPE_BITS, INDEX_NAME, TensorIndex, index_folder, read_header
 from safelora_cli.loader import TensorReader
 from safelora_cli.pairing import pair_modules
+from tests.helpers import Q0
 
 FUZZ = settings(
     max_examples=500,
@@ -42,7 +43,6 @@ FUZZ = settings(
 DTYPES = sorted(DTYPE_BITS)
 JUNK_DTYPES = ["", "F31", "int8", "f32", "Q4_K", "F32 "]
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
-Q = "model.layers.0.self_attn.q_proj"
 DOWN = "model.layers.0.mlp.down_proj"
 
 json_values = st.recursive(
@@ -82,7 +82,7 @@ def build(
 
 VALID = {
     "model.embed_tokens.weight": ("BF16", [5, 4]),
-    f"{Q}.weight": ("F32", [4, 4]),
+    f"{Q0}.weight": ("F32", [4, 4]),
     f"{DOWN}.weight": ("F16", [4, 6]),
     "model.norm.weight": ("F64", [4]),
     "empty": ("F32", [0, 3]),
@@ -386,8 +386,8 @@ def test_any_valid_index_is_accepted(
 # --- load_adapter: mutated adapter_config.json, arbitrary LoRA-like headers ------------------
 
 ADAPTER_TENSORS = {
-    f"base_model.model.{Q}.lora_A.weight": ("F32", [2, 4]),
-    f"base_model.model.{Q}.lora_B.weight": ("F32", [4, 2]),
+    f"base_model.model.{Q0}.lora_A.weight": ("F32", [2, 4]),
+    f"base_model.model.{Q0}.lora_B.weight": ("F32", [4, 2]),
     f"base_model.model.{DOWN}.lora_A.weight": ("BF16", [2, 6]),
     f"base_model.model.{DOWN}.lora_B.weight": ("BF16", [4, 2]),
 }
@@ -405,7 +405,7 @@ VALID_CONFIG = {
 }
 CONFIG_KEYS = [*VALID_CONFIG, "modules_to_save", "unknown"]
 pattern_maps = st.dictionaries(
-    st.sampled_from(["q_proj", "down_proj", Q, "(", "[a-", ".*", "q_proj|down", "", "*"])
+    st.sampled_from(["q_proj", "down_proj", Q0, "(", "[a-", ".*", "q_proj|down", "", "*"])
     | st.text(max_size=6),
     st.integers(-2, 8) | json_values,
     max_size=3,
@@ -455,10 +455,10 @@ def test_mutated_adapter_config(
 def check_adapter(folder: Path, base_index: TensorIndex, rank: int = 2) -> None:
     """The adapter loads with its two modules at ``rank``, and both pair with the base."""
     adapter = load_adapter(folder)
-    assert sorted(m.module for m in adapter.modules) == sorted([Q, DOWN])
+    assert sorted(m.module for m in adapter.modules) == sorted([Q0, DOWN])
     assert all(m.rank == rank for m in adapter.modules)
     pairs = pair_modules(adapter, base_index, base_index)
-    assert sorted(p.base.name for p in pairs) == sorted([f"{Q}.weight", f"{DOWN}.weight"])
+    assert sorted(p.base.name for p in pairs) == sorted([f"{Q0}.weight", f"{DOWN}.weight"])
 
 
 def test_the_unmutated_adapter_is_accepted_and_pairs(
@@ -516,7 +516,7 @@ def test_any_valid_adapter_is_accepted_and_pairs(
 lora_keys = st.builds(
     lambda prefix, module, kind, name, suffix: f"{prefix}{module}.{kind}{name}{suffix}",
     st.sampled_from(["", "base_model.model.", "base_model.model.base_model.model."]),
-    st.sampled_from([Q, DOWN, "lm_head", "model.embed_tokens", "x", "a.b"]),
+    st.sampled_from([Q0, DOWN, "lm_head", "model.embed_tokens", "x", "a.b"]),
     st.sampled_from(["lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "bias"]),
     st.sampled_from(["", ".default", ".other", ".a.b"]),
     st.sampled_from([".weight", ".weight", ".bias", ""]),
@@ -524,7 +524,7 @@ lora_keys = st.builds(
 float_dtypes = st.sampled_from(["F32", "F32", "BF16", "F16", "F64"])
 any_dtypes = float_dtypes | st.sampled_from(["I8", "U8", "BOOL", "F8_E4M3"])
 # (out, in) of each module in the base file; lm_head falls back to the embedding (tied)
-DIMS = {Q: (4, 4), DOWN: (4, 6), "lm_head": (5, 4), "model.norm": (4, 1), "missing.proj": (3, 3)}
+DIMS = {Q0: (4, 4), DOWN: (4, 6), "lm_head": (5, 4), "model.norm": (4, 1), "missing.proj": (3, 3)}
 
 
 @st.composite

@@ -409,11 +409,11 @@ def _rerank(modules: list[str], rank: int) -> Callable[[dict[str, torch.Tensor]]
 
 @pytest.mark.parametrize(
     "pattern",
-    ["q_proj", "model.layers.0.self_attn.q_proj", r".*\.q_proj", "self_attn.q_proj"],
+    ["q_proj", Q0, r".*\.q_proj", "self_attn.q_proj"],
 )
 def test_rank_pattern_is_honoured(trio: Trio, cli: Cli, tmp_path: Path, pattern: str) -> None:
     q_modules = [m for m in trio.modules if m.endswith("q_proj")]
-    if pattern == "model.layers.0.self_attn.q_proj":
+    if pattern == Q0:
         q_modules = [Q0]
     edit_tensors(trio.adapter / WEIGHTS, _rerank(q_modules, 8))
     edit_config(trio.adapter, rank_pattern={pattern: 8})

@@ -24,9 +24,9 @@ from safelora_cli.errors import ExitCode, IncompatibleInputError, UsageError
 from safelora_cli.inspection import inspect_adapter
 from safelora_cli.synthetic import LlamaShape, PairSpec, adapter_config, make_pair, save_model
 from tests.conftest import Trio, TrioFactory
-from tests.helpers import CONFIG, PREFIX, WEIGHTS, Cli
+from tests.helpers import CONFIG, PREFIX, Q0, WEIGHTS, Cli
 
-Q0, V0 = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+V0 = "model.layers.0.self_attn.v_proj"
 Q1, DOWN0 = "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"
 
 

@@ -25,7 +25,9 @@ from safelora_cli.synthetic import LlamaShape
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import (
     CONFIG,
+    DOWN1,
     LORA_KEY,
+    Q0,
     REPORT,
     WEIGHTS,
     Cli,
@@ -224,7 +226,7 @@ def check_weights(trio: Trio, out: Path, dense: dict[str, DenseModule], expected
 def test_identical_module_is_skipped_and_run_goes_on(
     make_trio: TrioFactory, cli: Cli, tmp_path: Path
 ) -> None:
-    same = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
+    same = (Q0, DOWN1)
     trio = make_trio(identical=same)
     dense = dense_reference(trio)
     out = tmp_path / "out"

@@ -44,7 +44,7 @@ from tests.factories import (
     phi3_pair,
     randomize_lora,
 )
-from tests.helpers import CONFIG, PROJECT_ALL, REPORT, WEIGHTS, Cli, rel_err
+from tests.helpers import CONFIG, PROJECT_ALL, Q0, REPORT, WEIGHTS, Cli, rel_err
 
 pytestmark = pytest.mark.slow
 
@@ -492,7 +492,7 @@ def test_projecting_b_confines_lora_but_not_dora_to_the_alignment_subspace(
     choice of B can keep inside span(V), so "projected" DoRA would still carry most of its update
     outside the alignment subspace, silently."""
     pair = models["llama"]
-    module = "model.layers.0.self_attn.q_proj"
+    module = Q0
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=use_dora)
     model = peft_model(pair[0], lora, seed=5).to(torch.float64)
     layer_ = lora_layers(model)[module]

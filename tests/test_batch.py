@@ -24,6 +24,7 @@ from tests.helpers import (
     assert_close_in_dtype,
     assert_error,
     dense_reference,
+    expect_error,
     leftovers,
     paper_selection,
     snapshot,
@@ -176,10 +177,7 @@ def test_name_collision_writes_nothing(trio: Trio, cli: Cli, tmp_path: Path) -> 
     twin = make_adapter(trio.root / "elsewhere" / "adapter", trio.base, trio.aligned, trio.modules)
     out = tmp_path / "out"
     result = cli(["patch", str(trio.adapter), str(twin), *model_args(trio), "-o", str(out), "-q"])
-    assert result.exit_code == ExitCode.USAGE
-    assert "two adapters are named 'adapter'" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not out.exists()
+    expect_error(result, ExitCode.USAGE, "two adapters are named 'adapter'", output=out)
 
 
 def test_name_collision_in_existing_output_leaves_it_untouched(
@@ -215,14 +213,7 @@ def test_one_bad_adapter_stops_the_batch_and_is_named(
     damage(second)
     out = tmp_path / "out"
     args = ["patch", str(trio.adapter), str(second), str(third), *model_args(trio), "-o", str(out)]
-    result = cli([*args, "-q"])
-    assert result.exit_code == code
-    assert str(second) in result.stderr
-    assert result.stderr.startswith("error: ")
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert result.stdout == ""
-    assert not out.exists()
-    assert leftovers(tmp_path) == []
+    expect_error(cli([*args, "-q"]), code, str(second), output=out)
 
 
 def test_batch_without_force_refuses_an_existing_adapter_folder_before_any_work(

@@ -27,7 +27,7 @@ from safelora_cli.config import (
 from safelora_cli.errors import ExitCode, UsageError
 from safelora_cli.settings import Settings
 from tests.conftest import Trio
-from tests.helpers import WEIGHTS, Cli
+from tests.helpers import WEIGHTS, Cli, expect_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -422,12 +422,7 @@ def test_cli_config_errors_are_usage_errors_on_one_line(
     out = tmp_path / "out"
     extra = ["-o", str(out)] if command == "patch" else []
     result = cli([command, str(trio.adapter), *args, *extra])
-    assert result.exit_code == ExitCode.USAGE
-    assert message in result.stderr
-    assert "(hint: " in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert result.stdout == ""
-    assert not out.exists()
+    expect_error(result, ExitCode.USAGE, message, "(hint: ", output=out)
 
 
 def test_cli_bad_preset_path_is_a_usage_error(

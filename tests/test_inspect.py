@@ -24,7 +24,7 @@ from safelora_cli.errors import ExitCode, IncompatibleInputError, UsageError
 from safelora_cli.inspection import inspect_adapter
 from safelora_cli.synthetic import LlamaShape, PairSpec, adapter_config, make_pair, save_model
 from tests.conftest import Trio, TrioFactory
-from tests.helpers import CONFIG, PREFIX, Q0, WEIGHTS, Cli
+from tests.helpers import CONFIG, PREFIX, Q0, WEIGHTS, Cli, assert_error
 
 V0 = "model.layers.0.self_attn.v_proj"
 Q1, DOWN0 = "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"
@@ -292,9 +292,7 @@ def test_inspect_errors(
         "MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"),
     }  # fmt: skip
     result = cli(["inspect", *[swap.get(a, a) for a in args]])
-    assert result.exit_code == code
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_error(result, code, message)
     assert result.stdout == ""
 
 

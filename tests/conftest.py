@@ -1,15 +1,21 @@
 """Seeded fixture factory: small synthetic base/aligned/adapter trios, built per test, nothing
 downloaded. Every builder is in ``safelora_cli.synthetic`` (shared with ``make demo`` and bench).
+
+Hypothesis runs derandomized and without its example database, so that every run (a CI job, a
+laptop) tries the same examples and a failure reproduces; ``HYPOTHESIS_PROFILE=explore`` draws
+fresh random examples instead, for a local bug hunt.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from typer.testing import Result
 
 from safelora_cli.synthetic import (
@@ -21,6 +27,10 @@ from safelora_cli.synthetic import (
     make_pair,
 )
 from tests.helpers import invoke
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,7 @@ from transformers import (
 )
 
 from safelora_cli.synthetic import save_model
-
-MODEL = "model.safetensors"
-PREFIX = "base_model.model."
+from tests.helpers import MODEL
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -10,16 +10,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import Result
+from safetensors.torch import load_file
 
-from safelora_cli import Settings, patch_many, score, score_many
+from safelora_cli import Settings, patch_many, pipeline, score_many
+from safelora_cli.errors import ExitCode, FilesystemError
 from safelora_cli.synthetic import make_adapter
 from tests.conftest import Trio
+from tests.helpers import (
+    CARD,
+    CONFIG,
+    REPORT,
+    WEIGHTS,
+    Cli,
+    assert_close_in_dtype,
+    assert_error,
+    dense_reference,
+    expect_error,
+    leftovers,
+    paper_selection,
+    snapshot,
+)
 
-Cli = Callable[..., Result]
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
-REPORT = "safelora_report.json"
 REPORT_KEYS = {
     "schema_version", "tool", "settings", "inputs", "output", "modules", "passthrough", "summary",
 }  # fmt: skip
@@ -70,13 +81,13 @@ def test_batch_patch_equals_each_adapter_alone(trio: Trio, cli: Cli, tmp_path: P
     out = tmp_path / "batch"
     args = ["patch", *map(str, adapters), *model_args(trio), "--output", str(out), "-k", "3", "-q"]
     result = cli(args)
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stdout.splitlines() == [str(out / a.name) for a in adapters]
 
     for adapter in adapters:
         alone = tmp_path / f"alone-{adapter.name}"
         single = cli(["patch", str(adapter), *model_args(trio), "-o", str(alone), "-k", "3", "-q"])
-        assert single.exit_code == 0, single.stderr
+        assert single.exit_code == ExitCode.OK, single.stderr
         batched = out / adapter.name
         assert (batched / WEIGHTS).read_bytes() == (alone / WEIGHTS).read_bytes()
         assert (batched / CONFIG).read_bytes() == (alone / CONFIG).read_bytes()
@@ -87,17 +98,38 @@ def test_batch_patch_equals_each_adapter_alone(trio: Trio, cli: Cli, tmp_path: P
         assert batch_report["output"] == str(batched)
 
 
-def test_library_batch_equals_library_single(trio: Trio, tmp_path: Path) -> None:
+def test_library_batch_matches_the_dense_reference_for_every_adapter(
+    trio: Trio, tmp_path: Path
+) -> None:
+    """Each adapter of a batch, scored and patched in one pass, gets what the dense float64
+    reference computes for that adapter alone: cosines, the K lowest selected, B' = Ĉ B."""
     adapters = [trio.adapter, *more_adapters(trio)]
-    settings = Settings(num_layers=3)
+    k = 3
+    settings = Settings(num_layers=k)
     results = patch_many(adapters, trio.base, trio.aligned, tmp_path / "lib", settings)
     assert [r.output for r in results] == [tmp_path / "lib" / a.name for a in adapters]
     scored_many = score_many(adapters, trio.base, trio.aligned, settings)
     for adapter, scored, patched in zip(adapters, scored_many, results, strict=True):
-        alone = score(adapter, trio.base, trio.aligned, settings)
-        assert comparable(scored.report) == comparable(alone.report)
-        assert comparable(patched.report) == comparable(alone.report)
+        dense = dense_reference(trio.base, trio.aligned, adapter)
+        expected = paper_selection(dense, "number", k, 0.0)
+        assert 0 < len(expected) < len(dense)
+        for report in (scored.report, patched.report):
+            rows = {m["module"]: m for m in report["modules"]}
+            assert rows.keys() == dense.keys()
+            for name, row in rows.items():
+                assert row["cosine"] == pytest.approx(dense[name].cosine, rel=1e-5), name
+            assert {m for m, row in rows.items() if row["projected"]} == expected
         assert scored.output is None
+        assert patched.output is not None
+        after = load_file(patched.output / WEIGHTS)
+        before = load_file(adapter / WEIGHTS)
+        for name, d in dense.items():
+            if name in expected:
+                assert d.projected_b is not None
+                assert_close_in_dtype(after[d.b_key], d.projected_b, after[d.b_key].dtype)
+            else:
+                assert after[d.b_key].equal(before[d.b_key])
+            assert after[d.a_key].equal(before[d.a_key])
 
 
 def test_batch_reads_adapter_paths_from_stdin(trio: Trio, cli: Cli, tmp_path: Path) -> None:
@@ -105,7 +137,7 @@ def test_batch_reads_adapter_paths_from_stdin(trio: Trio, cli: Cli, tmp_path: Pa
     out = tmp_path / "out"
     stdin = f"{trio.adapter}\n\n  {second}  \n{third}\n"
     result = cli(["patch", "-", *model_args(trio), "-o", str(out), "-k", "2", "-q"], input=stdin)
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stdout.splitlines() == [str(out / p.name) for p in (trio.adapter, second, third)]
     for name in ("adapter", "second", "third"):
         assert (out / name / WEIGHTS).is_file()
@@ -118,7 +150,7 @@ def test_stdin_with_one_path_is_still_a_batch(trio: Trio, cli: Cli, tmp_path: Pa
         ["patch", "-", *model_args(trio), "-o", str(out), "-k", "2", "-q"],
         input=f"{trio.adapter}\n",
     )
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert (out / trio.adapter.name / WEIGHTS).is_file()
 
 
@@ -136,7 +168,7 @@ def test_bad_stdin_use_is_a_usage_error(
     args = [str(trio.adapter) if a == "ADAPTER" else a for a in adapters]
     out = tmp_path / "out"
     result = cli(["patch", *args, *model_args(trio), "-o", str(out)], input=stdin)
-    assert result.exit_code == 2
+    assert result.exit_code == ExitCode.USAGE
     assert message in result.stderr
     assert result.stdout == ""
     assert not out.exists()
@@ -146,10 +178,7 @@ def test_name_collision_writes_nothing(trio: Trio, cli: Cli, tmp_path: Path) -> 
     twin = make_adapter(trio.root / "elsewhere" / "adapter", trio.base, trio.aligned, trio.modules)
     out = tmp_path / "out"
     result = cli(["patch", str(trio.adapter), str(twin), *model_args(trio), "-o", str(out), "-q"])
-    assert result.exit_code == 2
-    assert "two adapters are named 'adapter'" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not out.exists()
+    expect_error(result, ExitCode.USAGE, "two adapters are named 'adapter'", output=out)
 
 
 def test_name_collision_in_existing_output_leaves_it_untouched(
@@ -160,7 +189,7 @@ def test_name_collision_in_existing_output_leaves_it_untouched(
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = cli(["patch", str(trio.adapter), str(twin), *model_args(trio), "-o", str(out)])
-    assert result.exit_code == 2
+    assert result.exit_code == ExitCode.USAGE
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
@@ -175,31 +204,70 @@ def _truncate_weights(folder: Path) -> None:
 
 @pytest.mark.parametrize(
     ("damage", "code"),
-    [(_drop_weights, 4), (_truncate_weights, 3)],
+    [(_drop_weights, ExitCode.INCOMPATIBLE), (_truncate_weights, ExitCode.CORRUPT)],
     ids=["no-weights-file", "truncated-weights"],
 )
 def test_one_bad_adapter_stops_the_batch_and_is_named(
-    trio: Trio, cli: Cli, tmp_path: Path, damage: Callable[[Path], None], code: int
+    trio: Trio, cli: Cli, tmp_path: Path, damage: Callable[[Path], None], code: ExitCode
 ) -> None:
     second, third = more_adapters(trio)
     damage(second)
     out = tmp_path / "out"
     args = ["patch", str(trio.adapter), str(second), str(third), *model_args(trio), "-o", str(out)]
-    result = cli([*args, "-q"])
-    assert result.exit_code == code
-    assert str(second) in result.stderr
-    assert result.stderr.startswith("error: ")
-    assert len(result.stderr.strip().splitlines()) == 1
+    expect_error(cli([*args, "-q"]), code, str(second), output=out)
+
+
+def test_batch_without_force_refuses_an_existing_adapter_folder_before_any_work(
+    trio: Trio, cli: Cli, tmp_path: Path
+) -> None:
+    adapters = [trio.adapter, *more_adapters(trio)]
+    out = tmp_path / "out"
+    (out / "second").mkdir(parents=True)
+    (out / "second" / "notes.txt").write_text("mine")
+    result = cli(["patch", *map(str, adapters), *model_args(trio), "-o", str(out), "-k", "3", "-q"])
+    assert_error(result, ExitCode.FILESYSTEM, str(out / "second"), "not empty", "--force")
     assert result.stdout == ""
-    assert not out.exists()
-    assert not list(tmp_path.glob(".safelora-tmp-*"))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "second",
+        "second/notes.txt",
+    ]
+    assert (out / "second" / "notes.txt").read_text() == "mine"
+    assert leftovers(out) == []
+
+    with pytest.raises(FilesystemError, match="not empty"):  # the library's default too
+        patch_many(adapters, trio.base, trio.aligned, out, Settings(num_layers=3))
+    assert sorted(p.name for p in out.iterdir()) == ["second"]
+
+
+def test_batch_without_force_never_replaces_a_folder_that_appeared_during_the_run(
+    trio: Trio, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run wrote OUTPUT/second while this one was scoring: it is left as it is, exit 6;
+    the adapter before it is published complete, the one after it is not written."""
+    adapters = [trio.adapter, *more_adapters(trio)]
+    out = tmp_path / "out"
+    real_score_job = pipeline.score_job
+
+    def score_job(*args: Any, **kwargs: Any) -> Any:
+        scored = real_score_job(*args, **kwargs)
+        (out / "second").mkdir(parents=True)
+        (out / "second" / "notes.txt").write_text("another run's")
+        return scored
+
+    monkeypatch.setattr(pipeline, "score_job", score_job)
+    result = cli(["patch", *map(str, adapters), *model_args(trio), "-o", str(out), "-k", "3", "-q"])
+    assert_error(result, ExitCode.FILESYSTEM, str(out / "second"), "appeared during the run")
+    assert snapshot(out / "second") == {"notes.txt": b"another run's"}
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "second"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == [CARD, CONFIG, WEIGHTS, REPORT]
+    assert leftovers(out) == []
 
 
 def test_report_flag_takes_one_adapter(trio: Trio, cli: Cli, tmp_path: Path) -> None:
     second, _ = more_adapters(trio)
     args = ["patch", str(trio.adapter), str(second), *model_args(trio), "-o", str(tmp_path / "o")]
     result = cli([*args, "--report", str(tmp_path / "r.json")])
-    assert result.exit_code == 2
+    assert result.exit_code == ExitCode.USAGE
     assert "--report takes one adapter" in result.stderr
     assert not (tmp_path / "o").exists()
 
@@ -209,7 +277,7 @@ def test_report_flag_takes_one_adapter(trio: Trio, cli: Cli, tmp_path: Path) -> 
 
 def test_score_json_single_is_a_report_object(trio: Trio, cli: Cli) -> None:
     result = cli(["score", str(trio.adapter), *model_args(trio), "-k", "4", "--json", "-q"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     report = json.loads(result.stdout)
     assert isinstance(report, dict)
     assert_report_schema(report)
@@ -220,7 +288,7 @@ def test_score_json_single_is_a_report_object(trio: Trio, cli: Cli) -> None:
 def test_score_json_batch_is_a_list_in_input_order(trio: Trio, cli: Cli) -> None:
     adapters = [trio.adapter, *more_adapters(trio)]
     result = cli(["score", *map(str, adapters), *model_args(trio), "-k", "2", "--json", "-q"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     reports = json.loads(result.stdout)
     assert isinstance(reports, list)
     assert [r["inputs"]["adapter"]["path"] for r in reports] == [str(a) for a in adapters]
@@ -233,7 +301,7 @@ def test_patch_json_batch_is_a_list(trio: Trio, cli: Cli, tmp_path: Path) -> Non
     out = tmp_path / "out"
     args = ["patch", *map(str, adapters), *model_args(trio), "-o", str(out), "-k", "3"]
     result = cli([*args, "--json", "-q"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     reports = json.loads(result.stdout)
     assert [r["output"] for r in reports] == [str(out / a.name) for a in adapters]
     for report in reports:
@@ -243,7 +311,7 @@ def test_patch_json_batch_is_a_list(trio: Trio, cli: Cli, tmp_path: Path) -> Non
 def test_score_writes_nothing_and_shows_a_table(trio: Trio, cli: Cli) -> None:
     before = sorted(p.relative_to(trio.root) for p in trio.root.rglob("*"))
     result = cli(["score", str(trio.adapter), *model_args(trio), "-k", "3"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stdout == ""
     assert "projected" in result.stderr
     assert sorted(p.relative_to(trio.root) for p in trio.root.rglob("*")) == before
@@ -252,7 +320,7 @@ def test_score_writes_nothing_and_shows_a_table(trio: Trio, cli: Cli) -> None:
 def threshold_counts(trio: Trio, cli: Cli, adapters: list[Path], threshold: str) -> list[int]:
     args = ["score", *map(str, adapters), *model_args(trio), "--select", "threshold"]
     result = cli([*args, "--threshold", threshold, "--json", "-q"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     reports = json.loads(result.stdout)
     reports = reports if isinstance(reports, list) else [reports]
     return [r["summary"]["projected"] for r in reports]
@@ -265,7 +333,7 @@ def test_gate_passes_at_or_under_n(trio: Trio, cli: Cli, slack: int) -> None:
     gate = str(count + slack)
     args = ["score", str(trio.adapter), *model_args(trio), "--select", "threshold"]
     result = cli([*args, "--threshold", "0.5", "--fail-if-projected", gate, "-q"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert "gate failed" not in result.stderr
 
 
@@ -273,7 +341,7 @@ def test_gate_fails_over_n_with_a_message(trio: Trio, cli: Cli) -> None:
     [count] = threshold_counts(trio, cli, [trio.adapter], "0.5")
     args = ["score", str(trio.adapter), *model_args(trio), "--select", "threshold"]
     result = cli([*args, "--threshold", "0.5", "--fail-if-projected", str(count - 1), "-q"])
-    assert result.exit_code == 1
+    assert result.exit_code == ExitCode.GATE_FAILED
     assert result.stdout == ""
     assert result.stderr.strip() == (
         f"gate failed: {trio.adapter}: {count} modules would be projected, more than {count - 1}"
@@ -289,7 +357,7 @@ def test_gate_in_a_batch_names_only_the_failing_adapters(trio: Trio, cli: Cli) -
     assert len(failing) < len(adapters)
     args = ["score", *map(str, adapters), *model_args(trio), "--select", "threshold"]
     result = cli([*args, "--threshold", "0.5", "--fail-if-projected", str(gate), "--json", "-q"])
-    assert result.exit_code == 1
+    assert result.exit_code == ExitCode.GATE_FAILED
     assert len(json.loads(result.stdout)) == 3  # the reports still come out
     lines = result.stderr.strip().splitlines()
     assert [line.split(": ")[1] for line in lines] == [str(a) for a in failing]
@@ -298,6 +366,6 @@ def test_gate_in_a_batch_names_only_the_failing_adapters(trio: Trio, cli: Cli) -
 def test_gate_is_not_checked_when_scoring_fails(trio: Trio, cli: Cli, tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     result = cli(["score", str(missing), *model_args(trio), "--fail-if-projected", "0"])
-    assert result.exit_code == 2
+    assert result.exit_code == ExitCode.USAGE
     assert "gate failed" not in result.stderr
     assert str(missing) in result.stderr

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import Result
 
 from safelora_cli import config
 from safelora_cli.config import (
@@ -26,16 +24,16 @@ from safelora_cli.config import (
     read_config,
     resolve_run,
 )
-from safelora_cli.errors import UsageError
+from safelora_cli.errors import ExitCode, UsageError
 from safelora_cli.settings import Settings
 from tests.conftest import Trio
+from tests.helpers import WEIGHTS, Cli, expect_error
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-Cli = Callable[..., Result]
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_PAIRS = {
     "llama-2-7b-chat": ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf"),
@@ -134,7 +132,7 @@ def test_bad_preset_file_is_a_usage_error(tmp_path: Path, text: str, message: st
     with pytest.raises(UsageError, match=message) as caught:
         load_presets([tmp_path])
     assert "preset 'bad'" in caught.value.message
-    assert caught.value.exit_code == 2
+    assert caught.value.exit_code == ExitCode.USAGE
 
 
 def test_missing_preset_folder_is_a_usage_error(
@@ -189,7 +187,7 @@ def test_bad_run_file_is_a_usage_error(tmp_path: Path, text: str, message: str) 
     with pytest.raises(UsageError, match=message) as caught:
         read_config(path)
     assert f"--config {path}" in caught.value.message
-    assert caught.value.exit_code == 2
+    assert caught.value.exit_code == ExitCode.USAGE
 
 
 def test_unknown_key_hint_suggests_the_close_key(tmp_path: Path) -> None:
@@ -294,7 +292,7 @@ def test_revision_and_adapter_name_come_through(tmp_path: Path) -> None:
 def test_resolve_errors_are_usage_errors(flags: dict[str, object], message: str) -> None:
     with pytest.raises(UsageError, match=message) as caught:
         resolve_run(flags, None, PRESETS)
-    assert caught.value.exit_code == 2
+    assert caught.value.exit_code == ExitCode.USAGE
 
 
 def test_unknown_preset_named_in_a_run_file_names_the_file(tmp_path: Path) -> None:
@@ -321,14 +319,14 @@ def local_preset(trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 def score_json(cli: Cli, *args: str) -> dict[str, Any]:
     result = cli(["score", *args, "--json", "-q"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     report: dict[str, Any] = json.loads(result.stdout)
     return report
 
 
 def test_presets_command_lists_table_on_stderr(cli: Cli) -> None:
     result = cli(["presets"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stdout == ""
     for name, (base, aligned) in REQUIRED_PAIRS.items():
         assert name in result.stderr
@@ -339,7 +337,7 @@ def test_presets_command_lists_table_on_stderr(cli: Cli) -> None:
 
 def test_presets_command_json(cli: Cli, local_preset: str, trio: Trio) -> None:
     result = cli(["presets", "--json"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     listed = {p["name"]: p for p in json.loads(result.stdout)}
     assert REQUIRED_PAIRS.keys() <= listed.keys()
     assert listed["llama-2-7b-chat"]["settings"] == {"select": "number", "num_layers": 10}
@@ -366,10 +364,10 @@ def test_patch_with_preset_equals_explicit_flags(
 ) -> None:
     by_preset, by_flags = tmp_path / "preset", tmp_path / "flags"
     result = cli(["patch", str(trio.adapter), "--preset", local_preset, "-o", str(by_preset), "-q"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     result = cli(trio.patch_args(by_flags, "--select", "threshold", "--threshold", "0.5", "-q"))
-    assert result.exit_code == 0, result.stderr
-    name = "adapter_model.safetensors"
+    assert result.exit_code == ExitCode.OK, result.stderr
+    name = WEIGHTS
     assert (by_preset / name).read_bytes() == (by_flags / name).read_bytes()
 
 
@@ -409,7 +407,7 @@ def test_cli_flags_override_a_builtin_presets_models(trio: Trio, cli: Cli) -> No
     ],
     ids=["unknown-preset", "unknown-key", "bad-toml", "missing-file", "no-base", "no-models"],
 )
-def test_cli_config_errors_exit_2_with_one_line(
+def test_cli_config_errors_are_usage_errors_on_one_line(
     trio: Trio,
     cli: Cli,
     tmp_path: Path,
@@ -424,19 +422,14 @@ def test_cli_config_errors_exit_2_with_one_line(
     out = tmp_path / "out"
     extra = ["-o", str(out)] if command == "patch" else []
     result = cli([command, str(trio.adapter), *args, *extra])
-    assert result.exit_code == 2
-    assert message in result.stderr
-    assert "(hint: " in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert result.stdout == ""
-    assert not out.exists()
+    expect_error(result, ExitCode.USAGE, message, "(hint: ", output=out)
 
 
-def test_cli_bad_preset_path_exits_2(
+def test_cli_bad_preset_path_is_a_usage_error(
     trio: Trio, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(PRESET_PATH_ENV, str(tmp_path / "nowhere"))
     for args in (["presets"], ["score", str(trio.adapter), "--preset", "x"]):
         result = cli(args)
-        assert result.exit_code == 2
+        assert result.exit_code == ExitCode.USAGE
         assert f"{PRESET_PATH_ENV}:" in result.stderr

@@ -3,8 +3,11 @@ error (click's usage errors included) as one stderr line."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from safelora_cli import pipeline
 from safelora_cli.adapter import load_adapter
 from safelora_cli.cli._errors import as_error
 from safelora_cli.errors import (
@@ -90,3 +93,23 @@ def test_negative_gate_is_a_usage_error(trio: Trio) -> None:
     result = invoke(["score", str(trio.adapter), "--base", str(trio.base),
                      "--aligned", str(trio.aligned), "--fail-if-projected", "-1"])  # fmt: skip
     assert_error(result, ExitCode.USAGE, "--fail-if-projected")
+
+
+def test_an_unexpected_exception_is_an_internal_error_line_with_the_documented_code(
+    trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug reaches the user as one line and the internal-error code, which the README's exit
+    table documents (test_docs checks that table against ``ExitCode``)."""
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(pipeline, "score_job", bug)
+    out = tmp_path / "out"
+    result = invoke(trio.patch_args(out, "--quiet"))
+    assert_error(
+        result, ExitCode.INTERNAL, "internal error: ZeroDivisionError: planted", "SAFELORA_DEBUG=1"
+    )
+    # no two names share a code (an IntEnum would silently make one an alias of the other)
+    assert len({int(code) for code in ExitCode.__members__.values()}) == len(ExitCode.__members__)
+    assert not out.exists()

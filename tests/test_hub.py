@@ -1,4 +1,4 @@
-"""Hub ids, offline use, and what the hub can refuse: each a clear error (exit 7).
+"""Hub ids, offline use, and what the hub can refuse: each a clear error (``ExitCode.HUB``).
 
 A huggingface_hub cache is built by hand under tmp (``models--org--name/refs/main`` holding a
 commit hash, ``blobs/`` holding the files, ``snapshots/<hash>/`` linking to them), with
@@ -19,12 +19,11 @@ import httpx2
 import pytest
 from huggingface_hub import constants
 from huggingface_hub import errors as hub_errors
-from typer.testing import Result
 
+from safelora_cli.errors import ExitCode
 from tests.conftest import Trio
-from tests.test_bad_inputs import REPORT, expect_error, expect_ok
+from tests.helpers import REPORT, Cli, expect_error, expect_ok
 
-Cli = Callable[..., Result]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
@@ -65,7 +64,7 @@ def hub_args(trio: Trio, output: Path, base: str, aligned: str, *extra: str) -> 
             "--output", str(output), "--quiet", *extra]  # fmt: skip
 
 
-def test_row34_cached_hub_ids_resolve_offline(
+def test_cached_hub_ids_resolve_offline_like_local_folders(
     trio: Trio, cli: Cli, tmp_path: Path, hub: Path
 ) -> None:
     base_snapshot = cache_repo(hub, "org/base-model", trio.base)
@@ -92,7 +91,7 @@ def test_row34_cached_hub_ids_resolve_offline(
     ).read_bytes()
 
 
-def test_row34_revision_flag_applies_to_both(
+def test_revision_flag_applies_to_base_and_aligned(
     trio: Trio, cli: Cli, tmp_path: Path, hub: Path
 ) -> None:
     cache_repo(hub, "org/base-model", trio.base, ref="v2")
@@ -104,7 +103,22 @@ def test_row34_revision_flag_applies_to_both(
     assert report["inputs"]["base"]["revision"] == report["inputs"]["aligned"]["revision"] == "v2"
 
 
-def test_row34_commit_hash_revision_resolves_offline(
+def test_revision_in_the_ref_wins_over_the_revision_flag(
+    trio: Trio, cli: Cli, tmp_path: Path, hub: Path
+) -> None:
+    """``org/name@rev`` names its own revision; ``--revision`` applies to a REF without one."""
+    for repo, folder in (("org/base-model", trio.base), ("org/chat-model", trio.aligned)):
+        cache_repo(hub, repo, folder, commit=COMMIT, ref="v1")
+        cache_repo(hub, repo, folder, commit=OTHER_COMMIT, ref="v2")
+    out = tmp_path / "out"
+    args = hub_args(trio, out, "org/base-model@v1", "org/chat-model", "--revision", "v2")
+    report = expect_ok(cli(args), out)
+    base, aligned = report["inputs"]["base"], report["inputs"]["aligned"]
+    assert (base["revision"], base["commit"]) == ("v1", COMMIT)
+    assert (aligned["revision"], aligned["commit"]) == ("v2", OTHER_COMMIT)
+
+
+def test_commit_hash_revision_resolves_offline(
     trio: Trio, cli: Cli, tmp_path: Path, hub: Path
 ) -> None:
     cache_repo(hub, "org/base-model", trio.base)
@@ -124,35 +138,37 @@ def test_row34_commit_hash_revision_resolves_offline(
         ),
     ],
 )
-def test_row34_not_in_cache_offline_exit_7(
+def test_offline_and_not_cached_is_a_hub_error_naming_the_ref(
     trio: Trio, cli: Cli, tmp_path: Path, hub: Path, base: str, named: str
 ) -> None:
     cache_repo(hub, "org/base-model", trio.base)
     cache_repo(hub, "org/chat-model", trio.aligned)
     out = tmp_path / "out"
     expect_error(
-        cli(hub_args(trio, out, base, "org/chat-model")), 7, named, "not in the local cache",
-        "offline", output=out,
+        cli(hub_args(trio, out, base, "org/chat-model")), ExitCode.HUB, named,
+        "not in the local cache", "offline", output=out,
     )  # fmt: skip
 
 
-def test_row35_bad_revision_flag_exit_7(trio: Trio, cli: Cli, tmp_path: Path, hub: Path) -> None:
+def test_revision_flag_not_in_the_cache_is_a_hub_error(
+    trio: Trio, cli: Cli, tmp_path: Path, hub: Path
+) -> None:
     cache_repo(hub, "org/base-model", trio.base)
     cache_repo(hub, "org/chat-model", trio.aligned)
     out = tmp_path / "out"
     expect_error(
-        cli(hub_args(trio, out, "org/base-model", "org/chat-model", "--revision", "v9")), 7,
-        "--base org/base-model@v9", output=out,
+        cli(hub_args(trio, out, "org/base-model", "org/chat-model", "--revision", "v9")),
+        ExitCode.HUB, "--base org/base-model@v9", output=out,
     )  # fmt: skip
 
 
-def test_row34_aligned_missing_named_as_aligned(
+def test_aligned_not_cached_is_named_as_aligned(
     trio: Trio, cli: Cli, tmp_path: Path, hub: Path
 ) -> None:
     cache_repo(hub, "org/base-model", trio.base)
     out = tmp_path / "out"
     expect_error(
-        cli(hub_args(trio, out, "org/base-model", "org/chat-model")), 7,
+        cli(hub_args(trio, out, "org/base-model", "org/chat-model")), ExitCode.HUB,
         "--aligned org/chat-model", "not in the local cache", output=out,
     )  # fmt: skip
 
@@ -196,7 +212,7 @@ def _http_error(cls: type[hub_errors.HfHubHTTPError], status: int) -> hub_errors
         ),
     ],
 )
-def test_row35_hub_refusals_exit_7(
+def test_hub_refusals_are_hub_errors_with_a_hint(
     trio: Trio,
     cli: Cli,
     tmp_path: Path,
@@ -216,7 +232,9 @@ def test_row35_hub_refusals_exit_7(
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     out = tmp_path / "out"
     base = "org/base-model@v3" if "@v3" in phrases[0] else "org/base-model"
-    expect_error(cli(hub_args(trio, out, base, "org/chat-model")), 7, *phrases, output=out)
+    expect_error(
+        cli(hub_args(trio, out, base, "org/chat-model")), ExitCode.HUB, *phrases, output=out
+    )
     # only safetensors and json are ever asked for
     assert calls[0]["allow_patterns"] == ["*.safetensors", "*.json"]
 
@@ -225,8 +243,10 @@ def test_row35_hub_refusals_exit_7(
     "ref",
     ["org/", "/abs/path/missing", "./rel/missing", "a/b/c", "org/name@", "~/missing-folder"],
 )
-def test_row34_neither_folder_nor_hub_id_exit_2(
+def test_ref_neither_folder_nor_hub_id_is_a_usage_error(
     trio: Trio, cli: Cli, tmp_path: Path, hub: Path, ref: str
 ) -> None:
     out = tmp_path / "out"
-    expect_error(cli(hub_args(trio, out, ref, str(trio.aligned))), 2, "--base", output=out)
+    expect_error(
+        cli(hub_args(trio, out, ref, str(trio.aligned))), ExitCode.USAGE, "--base", output=out
+    )

@@ -11,25 +11,22 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import Result
 
 from safelora_cli.adapter import expected_alpha
 from safelora_cli.cli import app
-from safelora_cli.errors import IncompatibleInputError, UsageError
+from safelora_cli.errors import ExitCode, IncompatibleInputError, UsageError
 from safelora_cli.inspection import inspect_adapter
 from safelora_cli.synthetic import LlamaShape, PairSpec, adapter_config, make_pair, save_model
 from tests.conftest import Trio, TrioFactory
+from tests.helpers import CONFIG, PREFIX, Q0, WEIGHTS, Cli, assert_error
 
-Cli = Callable[..., Result]
-PREFIX = "base_model.model."
-Q0, V0 = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+V0 = "model.layers.0.self_attn.v_proj"
 Q1, DOWN0 = "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"
 
 
@@ -47,8 +44,8 @@ def write_adapter(
         tensors[f"{PREFIX}{module}.lora_A.weight"] = torch.randn(rank, inp, generator=gen).to(dtype)
         tensors[f"{PREFIX}{module}.lora_B.weight"] = torch.randn(out, rank, generator=gen).to(dtype)
     folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / WEIGHTS))
+    (folder / CONFIG).write_text(json.dumps(config))
     return folder
 
 
@@ -149,7 +146,7 @@ def test_bad_alpha_is_an_incompatible_input(tmp_path: Path) -> None:
     adapter = write_adapter(tmp_path / "a", factors_for(shape, {Q0: 4}), config)
     with pytest.raises(IncompatibleInputError, match="lora_alpha for .*q_proj.* is 'big'") as err:
         inspect_adapter(adapter)
-    assert str(adapter / "adapter_config.json") in err.value.message
+    assert str(adapter / CONFIG) in err.value.message
 
 
 def test_every_module_pairs_with_its_own_base(trio: Trio) -> None:
@@ -233,7 +230,7 @@ def test_scaling_matches_peft(trio: Trio, tmp_path: Path, rslora: bool) -> None:
 
 def test_inspect_table_goes_to_stderr(trio: Trio, cli: Cli) -> None:
     result = cli(["inspect", str(trio.adapter), "--base", str(trio.base)])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stdout == ""
     for module in trio.modules:
         assert module in result.stderr
@@ -243,7 +240,7 @@ def test_inspect_table_goes_to_stderr(trio: Trio, cli: Cli) -> None:
 
 def test_inspect_json_is_the_library_result(trio: Trio, cli: Cli) -> None:
     result = cli(["inspect", str(trio.adapter), "--base", str(trio.base), "--json"])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert json.loads(result.stdout) == inspect_adapter(trio.adapter, base=trio.base)
     assert result.stderr == ""
 
@@ -255,15 +252,17 @@ def test_inspect_shows_passthrough_tensors(tmp_path: Path, cli: Cli) -> None:
         tmp_path / "a", factors_for(shape, {Q0: 4}), adapter_config([Q0], 4, 8), extra=extra
     )
     result = cli(["inspect", str(adapter)])
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert "passthrough tensors" in result.stderr
     assert "lm_head.modules_to_save.default.weight" in result.stderr
 
 
-def test_unpaired_modules_exit_4_after_the_listing(trio: Trio, cli: Cli, tmp_path: Path) -> None:
+def test_unpaired_modules_are_an_error_after_the_listing(
+    trio: Trio, cli: Cli, tmp_path: Path
+) -> None:
     other, _ = make_pair(tmp_path / "small", PairSpec(shape=LlamaShape(hidden=32, layers=1)))
     result = cli(["inspect", str(trio.adapter), "--base", str(other), "--json"])
-    assert result.exit_code == 4
+    assert result.exit_code == ExitCode.INCOMPATIBLE
     assert json.loads(result.stdout)["summary"]["paired"] == 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -276,16 +275,16 @@ def test_unpaired_modules_exit_4_after_the_listing(trio: Trio, cli: Cli, tmp_pat
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["ADAPTER", "--aligned", "ALIGNED"], 2, "--aligned needs --base"),
-        (["MISSING"], 2, "no such folder"),
-        (["EMPTY"], 4, "no adapter_config.json"),
-        (["ADAPTER", "--base", "MISSING"], 2, "--base"),
-        (["ADAPTER", "--base", "EMPTY"], 4, "no *.safetensors weights"),
+        (["ADAPTER", "--aligned", "ALIGNED"], ExitCode.USAGE, "--aligned needs --base"),
+        (["MISSING"], ExitCode.USAGE, "no such folder"),
+        (["EMPTY"], ExitCode.INCOMPATIBLE, "no adapter_config.json"),
+        (["ADAPTER", "--base", "MISSING"], ExitCode.USAGE, "--base"),
+        (["ADAPTER", "--base", "EMPTY"], ExitCode.INCOMPATIBLE, "no *.safetensors weights"),
     ],
     ids=["aligned-without-base", "no-adapter", "not-an-adapter", "no-base", "base-without-weights"],
 )
 def test_inspect_errors(
-    trio: Trio, cli: Cli, tmp_path: Path, args: list[str], code: int, message: str
+    trio: Trio, cli: Cli, tmp_path: Path, args: list[str], code: ExitCode, message: str
 ) -> None:
     (tmp_path / "empty").mkdir()
     swap = {
@@ -293,14 +292,13 @@ def test_inspect_errors(
         "MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"),
     }  # fmt: skip
     result = cli(["inspect", *[swap.get(a, a) for a in args]])
-    assert result.exit_code == code
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_error(result, code, message)
     assert result.stdout == ""
 
 
 def test_error_classes_keep_their_exit_codes() -> None:
-    assert (UsageError.exit_code, IncompatibleInputError.exit_code) == (2, 4)
+    assert UsageError.exit_code == ExitCode.USAGE
+    assert IncompatibleInputError.exit_code == ExitCode.INCOMPATIBLE
 
 
 @pytest.mark.parametrize("args", [["presets"], ["inspect", "ADAPTER"]], ids=["presets", "inspect"])
@@ -336,7 +334,7 @@ def test_every_command_has_help_and_examples(cli: Cli, name: str) -> None:
     assert "Examples:" in command.epilog
     assert f"safelora {name}" in command.epilog
     result = cli([name, "--help"])
-    assert result.exit_code == 0
+    assert result.exit_code == ExitCode.OK
     first_line = command.callback.__doc__.strip().splitlines()[0]
     assert " ".join(first_line.split()[:4]) in " ".join(result.stdout.split())
     assert "Examples:" in result.stdout

@@ -11,32 +11,37 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import struct
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import Result
 
+from safelora_cli.errors import ExitCode
 from safelora_cli.synthetic import LlamaShape
 from tests.conftest import Trio, TrioFactory
-
-Cli = Callable[..., Result]
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
-REPORT = "safelora_report.json"
-CARD = "README.md"
-LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$"
+from tests.helpers import (
+    CARD,
+    CONFIG,
+    DOWN1,
+    LORA_KEY,
+    Q0,
+    REPORT,
+    WEIGHTS,
+    Cli,
+    DenseModule,
+    assert_close_in_dtype,
+    expect_error,
+    leftovers,
+    paper_selection,
+    read_raw,
+    snapshot,
 )
+from tests.helpers import dense_reference as dense_from_files
+
 MODULE_FIELDS = {
     "module",
     "shape",
@@ -52,94 +57,9 @@ MODULE_FIELDS = {
 COS_RTOL = 1e-5
 
 
-# --- reading files independently of the code under test ----------------------------------------
-
-
-@dataclass(frozen=True)
-class RawFile:
-    """A safetensors file read by hand: header entries, raw data bytes per tensor, metadata."""
-
-    entries: dict[str, dict[str, Any]]
-    data: dict[str, bytes]
-    metadata: dict[str, str] | None
-
-
-def read_raw(path: Path) -> RawFile:
-    blob = path.read_bytes()
-    (size,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8 : 8 + size])
-    metadata = header.pop("__metadata__", None)
-    start = 8 + size
-    data = {
-        name: blob[start + entry["data_offsets"][0] : start + entry["data_offsets"][1]]
-        for name, entry in header.items()
-    }
-    return RawFile(header, data, metadata)
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every *.safetensors file in ``folder`` (single file or shards)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
-    return tensors
-
-
-@dataclass(frozen=True)
-class DenseModule:
-    """The paper's quantities for one module, from dense float64 matrices."""
-
-    b_key: str
-    a_key: str
-    shape: tuple[int, int]
-    rank: int
-    cosine: float | None
-    projected_b: torch.Tensor | None
-    v_norm: float
-    b_norm: float
-    pb_norm: float
-    distance: float
-
-
 def dense_reference(trio: Trio) -> dict[str, DenseModule]:
-    """Module name -> dense Safe LoRA quantities, from the stored values upcast to float64."""
-    base, aligned = read_tensors(trio.base), read_tensors(trio.aligned)
-    adapter = read_tensors(trio.adapter)
-    keys: dict[str, dict[str, str]] = {}
-    for key in adapter:
-        match = LORA_KEY.match(key)
-        if match is None:  # not a LoRA factor: passed through
-            continue
-        keys.setdefault(match["module"], {})[match["kind"]] = key
-    dense = {}
-    for module, ab in keys.items():
-        v = aligned[f"{module}.weight"].double() - base[f"{module}.weight"].double()
-        a, b = adapter[ab["A"]].double(), adapter[ab["B"]].double()
-        v_norm = float(torch.linalg.matrix_norm(v))
-        b_norm = float(torch.linalg.matrix_norm(b))
-        cosine, pb, pb_norm, distance = None, None, b_norm, 0.0
-        if v_norm > 0:
-            c_hat = v @ v.T / v_norm  # (out, out): fine at test sizes
-            ba = b @ a
-            cosine = float(F.cosine_similarity((c_hat @ ba).flatten(), ba.flatten(), dim=0))
-            pb = c_hat @ b
-            pb_norm = float(torch.linalg.matrix_norm(pb))
-            distance = float(torch.linalg.matrix_norm(b - pb))
-        dense[module] = DenseModule(
-            ab["B"], ab["A"], tuple(v.shape), a.shape[0], cosine, pb, v_norm, b_norm, pb_norm,
-            distance,
-        )  # fmt: skip
-    return dense
-
-
-def paper_selection(dense: dict[str, DenseModule], mode: str, k: int, t: float) -> set[str]:
-    """The official rule: cosine <= threshold; in number mode the threshold is the K-th lowest."""
-    cosines = {m: d.cosine for m, d in dense.items() if d.cosine is not None}
-    if mode == "number":
-        t = sorted(cosines.values())[k - 1]
-    return {m for m, c in cosines.items() if c <= t}
+    """The dense float64 reference (``helpers.dense_reference``) of the trio's files."""
+    return dense_from_files(trio.base, trio.aligned, trio.adapter)
 
 
 def midpoint_threshold(dense: dict[str, DenseModule]) -> float:
@@ -148,21 +68,6 @@ def midpoint_threshold(dense: dict[str, DenseModule]) -> float:
     lo, hi = ordered[len(ordered) // 2 - 1], ordered[len(ordered) // 2]
     assert hi - lo > 1e-4
     return (lo + hi) / 2
-
-
-def assert_close_in_dtype(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    """``got``, stored in ``dtype``, is float64 ``want`` rounded to ``dtype``, up to fp32 noise."""
-    info = torch.finfo(dtype)
-    atol = info.smallest_normal * info.eps + 1e-6 * float(want.abs().max())
-    torch.testing.assert_close(got.double(), want, rtol=info.eps, atol=atol)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def staging_leftovers(parent: Path) -> list[Path]:
-    return [p for p in parent.iterdir() if p.name.startswith(".safelora-tmp-")]
 
 
 # --- the core check -----------------------------------------------------------------------------
@@ -218,11 +123,11 @@ def test_patch_matches_dense_reference(
 
     result = cli(trio.patch_args(out, *flags, "--quiet"))
 
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stdout == f"{out}\n"
     assert result.stderr == ""
     assert sorted(p.name for p in out.iterdir()) == [CARD, CONFIG, WEIGHTS, REPORT]
-    assert staging_leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     assert snapshot(trio.adapter) == adapter_before  # the input is never written
 
     report = json.loads((out / REPORT).read_text())
@@ -322,7 +227,7 @@ def check_weights(trio: Trio, out: Path, dense: dict[str, DenseModule], expected
 def test_identical_module_is_skipped_and_run_goes_on(
     make_trio: TrioFactory, cli: Cli, tmp_path: Path
 ) -> None:
-    same = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
+    same = (Q0, DOWN1)
     trio = make_trio(identical=same)
     dense = dense_reference(trio)
     out = tmp_path / "out"
@@ -330,7 +235,7 @@ def test_identical_module_is_skipped_and_run_goes_on(
 
     result = cli(trio.patch_args(out, "--num-layers", str(k), "--quiet"))
 
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     report = json.loads((out / REPORT).read_text())
     rows = {m["module"]: m for m in report["modules"]}
     for module in same:
@@ -364,7 +269,7 @@ def test_passthrough_mixed_dtypes_and_metadata_survive(
 
     result = cli(trio.patch_args(out, "--num-layers", str(len(trio.modules)), "--quiet"))
 
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     report = json.loads((out / REPORT).read_text())
     assert report["passthrough"] == [extra]
     assert report["summary"]["projected"] == len(trio.modules)
@@ -384,7 +289,7 @@ def test_stdout_is_only_the_output_path_and_table_goes_to_stderr(
 ) -> None:
     out = tmp_path / "out"
     result = cli(trio.patch_args(out, "--num-layers", "3"))
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stdout == f"{out}\n"
     report = json.loads((out / REPORT).read_text())
     lowest = min(report["modules"], key=lambda m: m["cosine"])
@@ -395,7 +300,7 @@ def test_stdout_is_only_the_output_path_and_table_goes_to_stderr(
 def test_quiet_leaves_stderr_empty(trio: Trio, cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = cli(trio.patch_args(out, "--quiet"))
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stderr == ""
     assert result.stdout == f"{out}\n"
 
@@ -403,7 +308,7 @@ def test_quiet_leaves_stderr_empty(trio: Trio, cli: Cli, tmp_path: Path) -> None
 def test_json_prints_only_the_report(trio: Trio, cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = cli(trio.patch_args(out, "--json", "--num-layers", "4"))  # table still on stderr
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     printed = json.loads(result.stdout)  # the whole of stdout is one JSON document
     assert printed == json.loads((out / REPORT).read_text())
     assert printed["summary"]["projected"] >= 4
@@ -413,7 +318,7 @@ def test_report_path_writes_there_and_not_in_output(trio: Trio, cli: Cli, tmp_pa
     out, report_file = tmp_path / "out", tmp_path / "reports" / "run.json"
     report_file.parent.mkdir()
     result = cli(trio.patch_args(out, "--report", str(report_file), "--json", "--quiet"))
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert not (out / REPORT).exists()
     assert sorted(p.name for p in out.iterdir()) == [CARD, CONFIG, WEIGHTS]
     written = json.loads(report_file.read_text())
@@ -438,7 +343,7 @@ def test_key_variants_give_the_same_projection(
     for label, trio in variants.items():
         out = tmp_path / f"out-{label}"
         result = cli(trio.patch_args(out, "--num-layers", "5", "--quiet"))
-        assert result.exit_code == 0, f"{label}: {result.stderr}"
+        assert result.exit_code == ExitCode.OK, f"{label}: {result.stderr}"
         before, after = read_raw(trio.adapter / WEIGHTS), read_raw(out / WEIGHTS)
         assert after.entries.keys() == before.entries.keys()  # keys are kept as they were
         by_module = {}
@@ -474,40 +379,30 @@ def test_key_variants_give_the_same_projection(
         pytest.param(["--select", "threshold", "--threshold", "1.5"], "--threshold", id="t-big"),
     ],
 )
-def test_usage_errors_exit_2_and_write_nothing(
+def test_usage_errors_write_nothing(
     trio: Trio, cli: Cli, tmp_path: Path, flags: list[str], named: str
 ) -> None:
     assert len(trio.modules) == 14
     out = tmp_path / "out"
-    result = cli(trio.patch_args(out, *flags))
-    assert result.exit_code == 2
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith("error:")
-    assert named in lines[0]
-    assert not out.exists()
-    assert staging_leftovers(tmp_path) == []
+    expect_error(cli(trio.patch_args(out, *flags)), ExitCode.USAGE, named, output=out)
 
 
-def test_existing_output_without_force_exits_6_and_is_untouched(
+def test_existing_output_without_force_is_refused_untouched(
     trio: Trio, cli: Cli, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / WEIGHTS).write_bytes(b"mine, not yours")
     result = cli(trio.patch_args(out, "--quiet"))
-    assert result.exit_code == 6
-    assert result.stdout == ""
-    assert "--output" in result.stderr
-    assert "--force" in result.stderr  # the hint
+    expect_error(
+        result, ExitCode.FILESYSTEM, "--output", "--force", output=out, output_existed=True
+    )
     assert snapshot(out) == {WEIGHTS: b"mine, not yours"}
-    assert staging_leftovers(tmp_path) == []
 
 
 def test_force_replaces_our_files_and_keeps_others(trio: Trio, cli: Cli, tmp_path: Path) -> None:
     fresh = tmp_path / "fresh"
-    assert cli(trio.patch_args(fresh, "--quiet")).exit_code == 0
+    assert cli(trio.patch_args(fresh, "--quiet")).exit_code == ExitCode.OK
     out = tmp_path / "out"
     out.mkdir()
     (out / WEIGHTS).write_bytes(b"stale weights")
@@ -516,7 +411,7 @@ def test_force_replaces_our_files_and_keeps_others(trio: Trio, cli: Cli, tmp_pat
 
     result = cli(trio.patch_args(out, "--quiet", "--force"))
 
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     assert result.stdout == f"{out}\n"
     assert (out / "notes.txt").read_text() == "keep me"
     assert (out / WEIGHTS).read_bytes() == (fresh / WEIGHTS).read_bytes()
@@ -529,7 +424,7 @@ def test_force_replaces_our_files_and_keeps_others(trio: Trio, cli: Cli, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [CARD, CONFIG, WEIGHTS, REPORT, "notes.txt"]
     )
-    assert staging_leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_default_selection_projects_ten_lowest(trio: Trio, cli: Cli, tmp_path: Path) -> None:
@@ -537,7 +432,7 @@ def test_default_selection_projects_ten_lowest(trio: Trio, cli: Cli, tmp_path: P
     dense = dense_reference(trio)
     out = tmp_path / "out"
     result = cli(trio.patch_args(out, "--quiet"))
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     report = json.loads((out / REPORT).read_text())
     assert report["settings"]["select"] == "number"
     assert report["settings"]["num_layers"] == 10
@@ -556,7 +451,7 @@ def test_other_files_are_copied_but_stale_pickle_weights_are_not(
     (trio.adapter / "training_args.bin").write_bytes(b"pickle")
     out = tmp_path / "out"
     result = cli(trio.patch_args(out, "--quiet"))
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([CONFIG, WEIGHTS, REPORT, "README.md", "tokenizer_config.json"])
     card = (out / "README.md").read_text()

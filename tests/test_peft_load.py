@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +17,13 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
-from typer.testing import Result
 
+from safelora_cli.errors import ExitCode
 from tests.conftest import Trio, TrioFactory
+from tests.helpers import CONFIG, PREFIX, REPORT, WEIGHTS, Cli
 
 pytestmark = pytest.mark.slow  # imports transformers and peft: about 10 s in all
 
-Cli = Callable[..., Result]
-WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 NUM_LAYERS = 5
 
 
@@ -46,11 +43,11 @@ def patched(
     trio = make_trio(adapter_dtype=request.param, seed=11)
     out = tmp_path / "patched"
     result = cli(trio.patch_args(out, "--num-layers", str(NUM_LAYERS), "--quiet"))
-    assert result.exit_code == 0, result.stderr
-    report = json.loads((out / "safelora_report.json").read_text())
+    assert result.exit_code == ExitCode.OK, result.stderr
+    report = json.loads((out / REPORT).read_text())
     projected = [m["module"] for m in report["modules"] if m["projected"]]
     assert len(projected) >= NUM_LAYERS
-    config = json.loads((out / "adapter_config.json").read_text())
+    config = json.loads((out / CONFIG).read_text())
     return Patched(trio, out, projected, config["lora_alpha"] / config["r"])
 
 

@@ -32,10 +32,10 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from typer.testing import Result
 
-from safelora_cli.projection import paper_project
-from safelora_cli.synthetic import LlamaShape, PairSpec, make_adapter, make_pair
+from safelora_cli.adapter import PREFIX
+from safelora_cli.errors import ExitCode
+from safelora_cli.synthetic import LlamaShape, PairSpec, make_pair
 from tests.factories import (
-    MODEL,
     gpt2_pair,
     load_peft,
     model_tensors,
@@ -44,17 +44,13 @@ from tests.factories import (
     phi3_pair,
     randomize_lora,
 )
+from tests.helpers import CONFIG, PROJECT_ALL, Q0, REPORT, WEIGHTS, Cli, rel_err
 
 pytestmark = pytest.mark.slow
 
-Cli = Callable[..., Result]
-WEIGHTS = "adapter_model.safetensors"
-REPORT = "safelora_report.json"
-PREFIX = "base_model.model."
 FACTOR = re.compile(r"\.(lora_A|lora_B)(\.[^.]+)?\.weight$")
 KEY_WARNING = re.compile(r"(missing|unexpected).*keys?", re.IGNORECASE)
 TIED = {"lm_head": ("model.embed_tokens", "transformer.wte")}
-PROJECT_ALL = ("--select", "threshold", "--threshold", "1", "--quiet")
 Pair = tuple[Path, Path]
 
 
@@ -111,10 +107,6 @@ def paper_reference(v: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[
     return pb, float(cosine)
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(got.double() - want) / torch.linalg.vector_norm(want))
-
-
 def same_bytes(x: torch.Tensor, y: torch.Tensor) -> bool:
     return (
         x.dtype == y.dtype
@@ -139,9 +131,7 @@ def check_files(
             assert not same_bytes(before[key], after[key]), key
         else:
             assert same_bytes(before[key], after[key]), key
-    assert json.loads((out / "adapter_config.json").read_text()) == json.loads(
-        (adapter / "adapter_config.json").read_text()
-    )
+    assert json.loads((out / CONFIG).read_text()) == json.loads((adapter / CONFIG).read_text())
     return before, after
 
 
@@ -355,11 +345,11 @@ def test_variant_is_patched_exactly_and_loads_in_peft(
 ) -> None:
     pair = models[case.family]
     adapter = peft_adapter(pair[0], LoraConfig(**case.lora), tmp_path / "adapter", seed=2)
-    saved = json.loads((adapter / "adapter_config.json").read_text())
+    saved = json.loads((adapter / CONFIG).read_text())
     assert {k: saved[k] for k in case.saved} == case.saved
     out = tmp_path / "out"
     result = patch(cli, adapter, pair, out, *PROJECT_ALL)
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     report = json.loads((out / REPORT).read_text())
 
     entries = {m["module"]: m for m in report["modules"]}
@@ -379,26 +369,6 @@ def test_variant_is_patched_exactly_and_loads_in_peft(
     check_forward(load_checked(pair[0], out), after, case.scaling)
 
 
-def test_lm_head_of_an_untied_model_never_pairs_with_the_embedding(
-    tmp_path: Path, cli: Cli
-) -> None:
-    """Only a tied model's lm_head is its input embedding: with tie_word_embeddings false in
-    config.json and no lm_head.weight, the model is the wrong one, and pairing says so."""
-    pair = make_pair(tmp_path / "pair", PairSpec(shape=LlamaShape(tie_embeddings=False), seed=9))
-    modules = ["lm_head", "model.layers.0.self_attn.q_proj"]
-    adapter = make_adapter(tmp_path / "adapter", *pair, modules)
-    for folder in pair:
-        tensors = load_file(folder / MODEL)
-        del tensors["lm_head.weight"]
-        save_file(tensors, str(folder / MODEL))
-        assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is False
-    out = tmp_path / "out"
-    result = patch(cli, adapter, pair, out, *PROJECT_ALL)
-    assert result.exit_code == 4
-    assert "no weight in the base model (lm_head.weight)" in result.stderr
-    assert not out.exists()
-
-
 def test_pattern_order_lost_on_save_is_refused_as_peft_refuses_it(
     models: dict[str, Pair], cli: Cli, tmp_path: Path
 ) -> None:
@@ -409,13 +379,13 @@ def test_pattern_order_lost_on_save_is_refused_as_peft_refuses_it(
     rank_pattern = {"q_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], rank_pattern=rank_pattern)
     adapter = peft_adapter(pair[0], lora, tmp_path / "adapter")
-    saved = json.loads((adapter / "adapter_config.json").read_text())["rank_pattern"]
+    saved = json.loads((adapter / CONFIG).read_text())["rank_pattern"]
     assert list(saved) == sorted(rank_pattern)
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_peft(pair[0], adapter)
     out = tmp_path / "out"
     result = patch(cli, adapter, pair, out, *PROJECT_ALL)
-    assert result.exit_code == 4
+    assert result.exit_code == ExitCode.INCOMPATIBLE
     assert "model.layers.1.self_attn.q_proj" in result.stderr
     assert "rank 2 in the file, 6 in adapter_config.json" in result.stderr
     assert not out.exists()
@@ -443,13 +413,13 @@ def test_one_adapter_of_a_multi_adapter_file_is_patched(
 
     out = tmp_path / "out"
     refused = patch(cli, adapter, pair, out, *PROJECT_ALL)
-    assert refused.exit_code == 4
+    assert refused.exit_code == ExitCode.INCOMPATIBLE
     assert "default, second" in refused.stderr
     assert "--adapter-name" in refused.stderr
     assert not out.exists()
 
     result = patch(cli, adapter, pair, out, *PROJECT_ALL, "--adapter-name", "second")
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == ExitCode.OK, result.stderr
     report = json.loads((out / REPORT).read_text())
     assert report["settings"]["adapter_name"] == "second"
     entries = {m["module"]: m for m in report["modules"]}
@@ -486,9 +456,9 @@ def test_real_dora_adapter_is_refused(models: dict[str, Pair], cli: Cli, tmp_pat
     adapter = peft_adapter(pair[0], lora, tmp_path / "adapter")
     out = tmp_path / "out"
     result = patch(cli, adapter, pair, out, *PROJECT_ALL)
-    assert result.exit_code == 4
+    assert result.exit_code == ExitCode.INCOMPATIBLE
     assert "DoRA" in result.stderr
-    assert "adapter_config.json" in result.stderr
+    assert CONFIG in result.stderr
     assert "cannot keep inside the alignment subspace" in result.stderr  # the reason, as below
     assert not out.exists()
 
@@ -522,14 +492,14 @@ def test_projecting_b_confines_lora_but_not_dora_to_the_alignment_subspace(
     choice of B can keep inside span(V), so "projected" DoRA would still carry most of its update
     outside the alignment subspace, silently."""
     pair = models["llama"]
-    module = "model.layers.0.self_attn.q_proj"
+    module = Q0
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=use_dora)
     model = peft_model(pair[0], lora, seed=5).to(torch.float64)
     layer_ = lora_layers(model)[module]
     v = alignment(pair, module, False)
     b = layer_.lora_B["default"].weight
-    with torch.no_grad():
-        b.copy_(paper_project(v, b.detach().clone(), float(torch.linalg.matrix_norm(v))))
+    with torch.no_grad():  # B' = Ĉ B with the dense (out, out) Ĉ = V Vᵀ/‖V‖_F, in float64
+        b.copy_((v @ v.T / torch.linalg.matrix_norm(v)) @ b.detach().clone())
     outside = _outside(v, _effective_delta(layer_))
     if use_dora:
         assert outside > 0.5

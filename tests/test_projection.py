@@ -1,4 +1,4 @@
-"""Closed-form and property tests of the Safe LoRA math (projection.py) and selection (select.py).
+"""Closed-form and property tests of the Safe LoRA math (projection.py) and of selection.py.
 
 The reference everywhere is the paper's formulas built densely in float64: Ĉ = V Vᵀ / ‖V‖_F (out x
 out), the update B A (out x in), and torch's cosine similarity over the flattened matrices. The code
@@ -26,6 +26,7 @@ from safelora_cli.projection import (
 from safelora_cli.report import ZERO_DELTA, ZERO_V
 from safelora_cli.selection import select_modules
 from safelora_cli.settings import Projection, ProjectionSpec, Select
+from tests.helpers import rel_err
 
 NUMBER, THRESHOLD = Select.NUMBER, Select.THRESHOLD
 SUBSPACE = Projection.SUBSPACE
@@ -77,11 +78,6 @@ def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))
     return q
-
-
-def rel_err(got: torch.Tensor | float, want: torch.Tensor | float) -> float:
-    got_t, want_t = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    return float(torch.linalg.vector_norm(got_t - want_t) / torch.linalg.vector_norm(want_t))
 
 
 def scored(score: ModuleScore) -> tuple[float, torch.Tensor]:

@@ -2,26 +2,47 @@
 
 ``python -m safelora_cli patch`` runs in a subprocess on a synthetic trio big enough for each phase
 to last: scoring (full SVDs of 1024-wide weights) and writing (a 200 MB passthrough tensor). The
-signal is sent when the phase is seen to have started: the base weights memory-mapped by the
-process (/proc/PID/fd), or the staging folder beside the output. No hook in the product code.
+signal is sent when the phase is seen to have started: the base weights opened by the process
+(/proc/PID/fd), or the staging folder beside the output. No hook in the product code.
+
+An interrupt can also land where the run cannot stop any more: inside torch, which may swallow the
+KeyboardInterrupt, or while the output is being renamed into place. The run then finishes, exits
+130 and says its output is complete: the subprocess tests then check that output against an
+uninterrupted run's, and two in-process tests make those two landings happen every time.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from safelora_cli import pipeline, writer
+from safelora_cli.errors import ExitCode
 from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapter, make_pair
 from safelora_cli.writer import STAGE_PREFIX
+from tests.conftest import Trio
+from tests.helpers import (
+    CONFIG,
+    REPORT,
+    WEIGHTS,
+    expect_ok,
+    invoke,
+    leftovers,
+    snapshot,
+    start_patch,
+)
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or not Path("/proc/self/fd").exists(),
@@ -35,8 +56,9 @@ FINISHED = "error: interrupted as the run finished; its output is complete"
 
 
 @pytest.fixture(scope="module")
-def big_trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """base/aligned (100 MB each), a small adapter and one with a 200 MB passthrough tensor."""
+def big_trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """base/aligned (100 MB each), a small adapter and one with a 200 MB passthrough tensor;
+    removed after the module's tests (they are most of what a test run leaves on disk)."""
     root = tmp_path_factory.mktemp("signals")
     base, aligned = make_pair(root, PairSpec(shape=SHAPE))
     adapter = make_adapter(root / "adapter", base, aligned, all_modules(SHAPE), rank=8)
@@ -46,17 +68,36 @@ def big_trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     tensors[PASSTHROUGH] = torch.ones(50_000_000)
     save_file(tensors, str(heavy / "adapter_model.safetensors"))
-    return {"base": base, "aligned": aligned, "adapter": adapter, "heavy": heavy}
+    yield {"base": base, "aligned": aligned, "adapter": adapter, "heavy": heavy}
+    shutil.rmtree(root, ignore_errors=True)
 
 
-def start(adapter: Path, trio: dict[str, Path], output: Path, *extra: str) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "safelora_cli", "patch", str(adapter),
-            "--base", str(trio["base"]), "--aligned", str(trio["aligned"]),
-            "--output", str(output), "--quiet", *extra]  # fmt: skip
-    env = {**os.environ, "SAFELORA_DEBUG": "0"}
-    return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+@pytest.fixture(scope="module")
+def uninterrupted(
+    big_trio: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Path]]:
+    """``uninterrupted(adapter_key, *extra)``: the output of the same run left to finish, made
+    (in-process) only when an interrupted run says it finished anyway, then kept for the module."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    made: dict[tuple[str, ...], Path] = {}
+
+    def run(adapter: str, *extra: str) -> Path:
+        key = (adapter, *extra)
+        if key not in made:
+            out = root / f"out{len(made)}"
+            models = ["--base", str(big_trio["base"]), "--aligned", str(big_trio["aligned"])]
+            args = ["patch", str(big_trio[adapter]), *models, "--output", str(out), "--quiet"]
+            args += extra
+            expect_ok(invoke(args), out)
+            made[key] = out
+        return made[key]
+
+    yield run
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def start(trio: dict[str, Path], adapter: str, output: Path, *extra: str) -> subprocess.Popen[str]:
+    return start_patch(trio[adapter], trio["base"], trio["aligned"], output, *extra)
 
 
 def wait_until(proc: subprocess.Popen[str], seen: Callable[[], bool]) -> None:
@@ -96,63 +137,153 @@ def staging_in(folder: Path) -> Callable[[], bool]:
     return lambda: any(p.name.startswith(STAGE_PREFIX) for p in folder.iterdir())
 
 
-def finish(proc: subprocess.Popen[str], output: Path) -> None:
+def same_output(output: Path, reference: Path, carried: dict[str, bytes] | None = None) -> None:
+    """``output`` is exactly what the uninterrupted run wrote (plus ``carried`` files of the
+    user's): the same files, the weights and config byte for byte, the same report."""
+    carried = carried or {}
+    names = sorted(p.name for p in output.iterdir())
+    assert names == sorted([*(p.name for p in reference.iterdir()), *carried])
+    for name in (WEIGHTS, CONFIG):
+        assert (output / name).read_bytes() == (reference / name).read_bytes(), name
+    for name, data in carried.items():
+        assert (output / name).read_bytes() == data, name
+    got, want = (json.loads((folder / REPORT).read_text()) for folder in (output, reference))
+    assert got.pop("output") == str(output)
+    assert want.pop("output") == str(reference)
+    assert got == want
+
+
+def finish(proc: subprocess.Popen[str], output: Path, reference: Callable[[], Path]) -> str:
     """Wait for the interrupted run; check exit 130, one stderr line, nothing partial left.
 
     torch can swallow the KeyboardInterrupt (a C-level hasattr clears it) and the run then
-    finishes: that is still exit 130, with a complete output and a message that says so.
+    finishes: that is still exit 130, with a message that says so, and then the output must be
+    complete and correct: the same as ``reference()``, the run left to finish. Returns the line.
     """
     out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 130, f"exit {proc.returncode}: {err!r}"
-    assert [p.name for p in output.parent.iterdir() if p.name.startswith(STAGE_PREFIX)] == []
+    assert proc.returncode == ExitCode.INTERRUPTED, f"exit {proc.returncode}: {err!r}"
+    assert leftovers(output.parent) == []
     if err.splitlines() == [FINISHED]:
-        assert load_file(str(output / "adapter_model.safetensors"))
-        assert (output / "adapter_config.json").is_file()
-        assert (output / "safelora_report.json").is_file()
-        return
+        same_output(output, reference())
+        return FINISHED
     assert err.splitlines() == [INTERRUPTED], err
     assert out == ""
     assert not output.exists()
+    return INTERRUPTED
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_row32_signal_while_scoring(
-    big_trio: dict[str, Path], tmp_path: Path, signum: signal.Signals
+def test_signal_while_scoring_leaves_nothing(
+    big_trio: dict[str, Path],
+    uninterrupted: Callable[..., Path],
+    tmp_path: Path,
+    signum: signal.Signals,
 ) -> None:
     output = tmp_path / "out"
-    proc = start(big_trio["adapter"], big_trio, output, "--projection", "subspace", "--rank", "900")
+    extra = ("--projection", "subspace", "--rank", "900")
+    proc = start(big_trio, "adapter", output, *extra)
     wait_until(proc, opens_file(proc.pid, big_trio["base"] / "model.safetensors"))
     proc.send_signal(signum)
-    finish(proc, output)
+    finish(proc, output, lambda: uninterrupted("adapter", *extra))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_row32_signal_while_writing(
-    big_trio: dict[str, Path], tmp_path: Path, signum: signal.Signals
+def test_signal_while_writing_leaves_nothing(
+    big_trio: dict[str, Path],
+    uninterrupted: Callable[..., Path],
+    tmp_path: Path,
+    signum: signal.Signals,
 ) -> None:
     output = tmp_path / "out"
-    proc = start(big_trio["heavy"], big_trio, output)
+    proc = start(big_trio, "heavy", output)
     wait_until(proc, staging_in(tmp_path))
     proc.send_signal(signum)
-    finish(proc, output)
+    finish(proc, output, lambda: uninterrupted("heavy"))
 
 
-def test_row32_signal_with_force_keeps_existing_output(
-    big_trio: dict[str, Path], tmp_path: Path
+def test_signal_with_force_keeps_the_existing_output(
+    big_trio: dict[str, Path], uninterrupted: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """Interrupted while writing over an existing folder: the old files are left as they were."""
+    """Interrupted while writing over an existing folder: the old files are left as they were
+    (or, if the run finished anyway, replaced by a complete output that keeps the user's file)."""
     output = tmp_path / "out"
     output.mkdir()
-    (output / "adapter_model.safetensors").write_bytes(b"previous run")
+    (output / WEIGHTS).write_bytes(b"previous run")
     (output / "notes.txt").write_text("mine")
-    proc = start(big_trio["heavy"], big_trio, output, "--force")
+    proc = start(big_trio, "heavy", output, "--force")
     wait_until(proc, staging_in(tmp_path))
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 130, err
+    assert proc.returncode == ExitCode.INTERRUPTED, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     if err.splitlines() == [FINISHED]:
+        same_output(output, uninterrupted("heavy"), carried={"notes.txt": b"mine"})
         return
     assert err.splitlines() == [INTERRUPTED]
-    assert (output / "adapter_model.safetensors").read_bytes() == b"previous run"
-    assert sorted(p.name for p in output.iterdir()) == ["adapter_model.safetensors", "notes.txt"]
+    assert snapshot(output) == {WEIGHTS: b"previous run", "notes.txt": b"mine"}
+
+
+# --- interrupts the run cannot act on any more, made to land every time -----------------------
+
+
+def _swallowed_interrupt() -> None:
+    """What torch sometimes does: the signal's KeyboardInterrupt is raised and cleared inside."""
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs at the next bytecode boundary, still in here
+    except KeyboardInterrupt:
+        pass
+
+
+def test_interrupt_swallowed_inside_the_math_still_exits_130_with_a_complete_output(
+    trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = tmp_path / "reference"
+    expect_ok(invoke(trio.patch_args(reference, "--quiet")), reference)
+    real_score_job = pipeline.score_job
+
+    def score_job(*args: Any, **kwargs: Any) -> Any:
+        scored = real_score_job(*args, **kwargs)
+        _swallowed_interrupt()
+        return scored
+
+    monkeypatch.setattr(pipeline, "score_job", score_job)
+    output = tmp_path / "out"
+    result = invoke(trio.patch_args(output, "--quiet"))
+    assert result.exit_code == ExitCode.INTERRUPTED, result.stderr
+    assert result.stderr.splitlines() == [FINISHED]
+    assert leftovers(tmp_path) == []
+    same_output(output, reference)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new-folder", "force-over-old"])
+def test_interrupt_while_publishing_is_held_back_and_the_output_is_complete(
+    trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, force: bool
+) -> None:
+    """A signal during the renames that publish the output waits for them: never half a swap."""
+    reference = tmp_path / "reference"
+    expect_ok(invoke(trio.patch_args(reference, "--quiet")), reference)
+    output = tmp_path / "out"
+    carried: dict[str, bytes] = {}
+    if force:
+        output.mkdir()
+        (output / WEIGHTS).write_bytes(b"previous run")
+        (output / "notes.txt").write_text("mine")
+        carried = {"notes.txt": b"mine"}
+    real_rename = os.rename
+    sent: list[bool] = []
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        if not sent:  # the first rename of the publish: the signal lands in the middle of it
+            sent.append(True)
+            signal.raise_signal(signal.SIGTERM)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(writer.os, "rename", rename)
+    result = invoke(trio.patch_args(output, "--quiet", *(["--force"] if force else [])))
+    assert sent
+    assert result.exit_code == ExitCode.INTERRUPTED, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: interrupted just after {output} was written; it is complete")
+    assert leftovers(tmp_path) == []
+    same_output(output, reference, carried)

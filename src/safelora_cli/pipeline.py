@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safelora_cli.card import CARD_NAME, build_card, read_card
 from safelora_cli.errors import SafeLoraError, UsageError
 from safelora_cli.job import Job, PathLike, prepare
 from safelora_cli.notices import NotifyFn
@@ -84,6 +83,10 @@ def _stage(
     command: Sequence[str] | None,
 ) -> None:
     """Write one patched adapter, its model card and its report into the output being staged."""
+    # imported here: huggingface_hub's card support costs 0.3 s of start-up that `score` and
+    # every failing run would pay for nothing
+    from safelora_cli.card import CARD_NAME, build_card, read_card
+
     adapter = scored.job
     notices = job.notices.scoped(str(adapter.input.path))
     inside = adapter.input.trusted_root

@@ -116,6 +116,36 @@ def test_an_fp16_overflow_is_refused(tmp_path: Path) -> None:
         merge_to(adapter, aligned, tmp_path / "out")
 
 
+def test_merge_is_w_aligned_plus_s_b_a_and_one_of_several_adapters_is_taken(
+    tmp_path: Path,
+) -> None:
+    """A file with adapters "default" and "second": merging "second" uses only its factors, at
+    its scaling (make_adapter: alpha = 2 r, so s = 2), against a dense float64 reference."""
+    pair = make_pair(tmp_path, PairSpec(seed=5, shards=2))
+    first = make_adapter(tmp_path / "a", *pair, ["model.layers.0.self_attn.q_proj"], rank=2,
+                         adapter_name="default", seed=1)  # fmt: skip
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    adapter = make_adapter(tmp_path / "b", *pair, modules, rank=2, adapter_name="second", seed=2)
+    add_tensors(adapter, load_file(first / WEIGHTS))
+    out = tmp_path / "out"
+    plan = merge_to(adapter, pair[1], out, adapter_name="second")
+    assert plan.replaced == ()
+    factors, aligned, got = (
+        load_file(adapter / WEIGHTS),
+        folder_tensors(pair[1]),
+        folder_tensors(out),
+    )
+    for name, tensor in got.items():
+        module = name.removesuffix(".weight")
+        if module not in modules:
+            assert same_bytes(tensor, aligned[name]), name
+            continue
+        a = factors[f"base_model.model.{module}.lora_A.second.weight"].double()
+        b = factors[f"base_model.model.{module}.lora_B.second.weight"].double()
+        want = aligned[name].double() + 2.0 * (b @ a)
+        torch.testing.assert_close(tensor.double(), want, rtol=1e-6, atol=1e-7)
+
+
 # --- slow: against PEFT's merge_and_unload -----------------------------------------------
 
 
@@ -172,7 +202,12 @@ CASES = {
         "llama-tied",
         {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "lm_head", "embed_tokens"],
          "modules_to_save": ["model.norm"]},
-        tied=("lm_head",), replaced=3,
+        tied=("lm_head", "model.embed_tokens"), replaced=3,
+    ),
+    # a tied checkpoint that stores lm_head.weight too: both copies get the update
+    "llama-tied-head-stored": Case(
+        "llama-tied-both", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "lm_head"]},
+        tied=("lm_head",), replaced=1, patched=("lm_head",),
     ),
     "llama-embedding-modules-to-save-lm-head": Case(
         "llama",
@@ -195,9 +230,22 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pair]:
         "llama-tied": make_pair(
             root / "llama-tied", PairSpec(shape=LlamaShape(tie_embeddings=True), seed=4)
         ),
+        "llama-tied-both": stored_head(
+            make_pair(root / "llama-tied-both", PairSpec(shape=LlamaShape(tie_embeddings=True)))
+        ),
         "gpt2": gpt2_pair(root / "gpt2", seed=5),
         "phi3": phi3_pair(root / "phi3", seed=6),
     }
+
+
+def stored_head(pair: Pair) -> Pair:
+    """Store lm_head.weight beside the embedding it is tied to, as some checkpoints do."""
+    for folder in pair:
+        tensors = load_file(folder / "model.safetensors")
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        save_file(tensors, str(folder / "model.safetensors"))
+        assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+    return pair
 
 
 def perturb_saved_tensors(adapter: Path) -> list[str]:

@@ -16,9 +16,11 @@ does for each variant, and so what this module does:
     saved tensors  modules_to_save copies, embedding layers saved with the adapter, biases of
                    bias="all"/"lora_only": loaded over the model's tensors, before the merge
     tied lm_head   lm_head and the input embedding are one Parameter: the merge adds lm_head's
-                   update to it in place, so the input embedding changes too, and save_pretrained
-                   writes that one tensor. Done the same here (the update goes to the stored
-                   embedding); ``MergePlan.tied`` names such modules so the caller can warn.
+                   update to it in place, so the input embedding changes too (and an embedding LoRA
+                   changes the head), and save_pretrained writes that one tensor. Done the same
+                   here: the update goes to the stored embedding (and to a stored lm_head copy
+                   when config.json ties them); ``MergePlan.tied`` names such modules so the
+                   caller can warn that the merged model differs from the adapter there.
 
 Sums are in float32 and cast once to the model's dtype, overflow refused. (PEFT adds a delta it
 has already cast to the model's dtype: for fp16/bf16 models the two differ by rounding only.)
@@ -94,7 +96,8 @@ class TensorMerge:
 class MergePlan:
     """Every aligned tensor the merge rewrites, in the aligned model's shard/offset order.
 
-    ``tied``: modules whose update lands on a matrix shared with the input embedding.
+    ``tied``: modules whose update lands on the matrix a tied model shares between its input
+    embedding and its output head: merged, it changes both (PEFT's merge does the same).
     ``replaced``: adapter tensors loaded over aligned ones (modules_to_save, saved layers).
     """
 
@@ -106,16 +109,23 @@ class MergePlan:
 @dataclass
 class _Builder:
     aligned: TensorIndex
-    tied_ok: bool
+    tie: bool | None
     merges: dict[str, TensorMerge] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     def target(self, weight: str) -> TensorInfo | None:
-        for name in (weight, *(TIED_FALLBACKS.get(weight, ()) if self.tied_ok else ())):
-            info = self.aligned.get(name)
-            if info is not None:
-                return info
-        return None
+        """The aligned tensor a model name denotes: lm_head of a tied model is its embedding."""
+        fallbacks = TIED_FALLBACKS.get(weight, ()) if self.tie is not False else ()
+        return next(filter(None, map(self.aligned.get, (weight, *fallbacks))), None)
+
+    def shared(self) -> set[str]:
+        """The stored names of the one matrix a tied model uses as embedding and head (both are
+        stored by some checkpoints: an update to either is an update to both, as in PEFT)."""
+        head = "lm_head.weight"
+        names = {n for n in TIED_FALLBACKS[head] if n in self.aligned}
+        if self.tie is True or (self.tie is None and head not in self.aligned):
+            return names | ({head} & set(self.aligned))
+        return set()
 
     def add(
         self,
@@ -124,13 +134,15 @@ class _Builder:
         term: LoraTerm | None = None,
         bias_term: BiasTerm | None = None,
     ) -> None:
-        old = self.merges.get(target.name, TensorMerge(target))
-        self.merges[target.name] = TensorMerge(
-            target,
-            old.replacements + ((replacement,) if replacement else ()),
-            old.terms + ((term,) if term else ()),
-            old.bias_terms + ((bias_term,) if bias_term else ()),
-        )
+        shared = self.shared()
+        for name in shared if target.name in shared else {target.name}:
+            old = self.merges.get(name, TensorMerge(self.aligned.tensors[name]))
+            self.merges[name] = TensorMerge(
+                old.target,
+                old.replacements + ((replacement,) if replacement else ()),
+                old.terms + ((term,) if term else ()),
+                old.bias_terms + ((bias_term,) if bias_term else ()),
+            )
 
 
 def plan_merge(
@@ -148,12 +160,13 @@ def plan_merge(
             ``transpose`` and ``tied`` are used, so any base index will do).
         aligned: the aligned model's index: the merge's source and layout.
         adapter_name: the adapter chosen in a multi-adapter file (None: the only one).
-        tie_word_embeddings: the aligned config's flag (None: unknown, ties allowed).
+        tie_word_embeddings: the aligned config's flag (None: absent; the model then ties when
+            it stores no lm_head, as pairing assumes).
     Raises:
         IncompatibleInputError: adapter tensors with no counterpart in the aligned model, shapes
             that do not fit, or unsupported kinds (trainable tokens): all at once.
     """
-    build = _Builder(aligned, tie_word_embeddings is not False)
+    build = _Builder(aligned, tie_word_embeddings)
     chosen = adapter_name if adapter_name is not None else _name_of(pairs)
     config, where = adapter.config, str(adapter.root / "adapter_config.json")
     for pair in pairs:
@@ -185,8 +198,9 @@ def plan_merge(
             "check that --aligned is the model the adapter was trained on",
         )
     merges = sorted(build.merges.values(), key=lambda m: (str(m.target.path), m.target.offset))
-    tied = tuple(p.name for p in pairs if p.tied)
-    return MergePlan(tuple(merges), tied, tuple(replaced))
+    shared = build.shared()
+    tied = {t.module for m in merges if m.target.name in shared for t in m.terms}
+    return MergePlan(tuple(merges), tuple(sorted(tied)), tuple(replaced))
 
 
 def _name_of(pairs: Sequence[ModulePair]) -> str:
@@ -299,18 +313,16 @@ def merged_tensor(
     start = _start(merge, read)
     if merge.terms:
         overrides = lora_b or {}
-        updates = [
-            term.factors(
-                read(term.a).to(device, torch.float32),
-                overrides.get(term.module, read(term.b)).to(device, torch.float32),
-            )
-            for term in merge.terms
-        ]
+        updates = []
+        for term in merge.terms:
+            b = overrides[term.module] if term.module in overrides else read(term.b)
+            a = read(term.a).to(device, torch.float32)
+            updates.append(term.factors(a, b.to(device, torch.float32)))
         return add_delta(start, concat(updates), dtype, name)
     if merge.bias_terms:
         total = start.to(device, torch.float32)
-        for term in merge.bias_terms:
-            total = total + term.scaling * read(term.bias).to(device, torch.float32)
+        for bias in merge.bias_terms:
+            total = total + bias.scaling * read(bias.bias).to(device, torch.float32)
         return cast_finite(total, dtype, name)
     return cast_finite(start, dtype, name)
 

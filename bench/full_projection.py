@@ -50,6 +50,30 @@ def cheapest(out: int, inp: int) -> int:
     return 2 * out * inp * min(out, inp)
 
 
+def measure(out: int, inp: int, runs: int, gen: torch.Generator) -> dict[str, tuple[float, ...]]:
+    """label -> (median s, min s, GFLOP/s at the median) for one shape."""
+    v = torch.randn(out, inp, generator=gen)
+    d = torch.randn(out, inp, generator=gen)
+    w = torch.randn(out, inp, generator=gen).to(torch.bfloat16)
+    v_norm, spec = float(v.norm()), ProjectionSpec()
+
+    def write() -> object:
+        return merged_weight(w, project_delta(v, d, spec, v_norm)[0], w.dtype, "w")
+
+    cases: dict[str, tuple[Callable[[], object], int]] = {
+        "(VVt)D": (lambda: (v @ v.T) @ d, macs(out, inp, True)),
+        "V(VtD)": (lambda: v @ (v.T @ d), macs(out, inp, False)),
+        "score": (lambda: score_delta(v, d, spec, v_norm), cheapest(out, inp)),
+        "write": (write, cheapest(out, inp)),
+    }
+    rows = {}
+    for label, (fn, work) in cases.items():
+        with torch.inference_mode():
+            median, best = timed(fn, runs)
+        rows[label] = (median, best, 2 * work / median / 1e9)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -59,29 +83,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'shape':>10} {'path':>12} {'median s':>9} {'min s':>7} {'GFLOP/s':>8}")
+    print(f"{'shape':>10} {'path':>8} {'median s':>9} {'min s':>7} {'GFLOP/s':>8}")
     rates = []
     for text in args.shapes:
         out, inp = map(int, text.split("x"))
-        v = torch.randn(out, inp, generator=gen)
-        d = torch.randn(out, inp, generator=gen)
-        w = torch.randn(out, inp, generator=gen).to(torch.bfloat16)
-        v_norm = float(v.norm())
-        spec = ProjectionSpec()
-        cases: dict[str, tuple[Callable[[], object], int]] = {
-            "(VVt)D": (lambda: (v @ v.T) @ d, macs(out, inp, True)),
-            "V(VtD)": (lambda: v @ (v.T @ d), macs(out, inp, False)),
-            "score": (lambda: score_delta(v, d, spec, v_norm), cheapest(out, inp)),
-            "write": (
-                lambda: merged_weight(w, project_delta(v, d, spec, v_norm)[0], w.dtype, "w"),
-                cheapest(out, inp),
-            ),
-        }
-        for label, (fn, work) in cases.items():
-            with torch.inference_mode():
-                median, best = timed(fn, args.runs)
-            rate = 2 * work / median / 1e9
-            print(f"{text:>10} {label:>12} {median:9.3f} {best:7.3f} {rate:8.1f}")
+        for label, (median, best, rate) in measure(out, inp, args.runs, gen).items():
+            print(f"{text:>10} {label:>8} {median:9.3f} {best:7.3f} {rate:8.1f}")
             if label == "score" and min(out, inp) >= 2048:
                 rates.append(rate)
     flops = 2 * LLAMA7B_LAYERS * sum(n * cheapest(*s) for s, n in LLAMA7B_LAYER.items())

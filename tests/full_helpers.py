@@ -17,7 +17,8 @@ from safelora_cli.full import merged_weight, score_delta
 from safelora_cli.full_targets import FullPair, Targets, pair_full_weights
 from safelora_cli.index import TensorIndex, index_folder
 from safelora_cli.loader import TORCH_DTYPES, TensorReader
-from safelora_cli.merge import MergePlan, merged_tensors, plan_merge
+from safelora_cli.merge import merged_tensors
+from safelora_cli.merge_plan import MergePlan, plan_merge
 from safelora_cli.pairing import pair_modules
 from safelora_cli.projection import ModuleScore, ProjectionSpec, alignment_matrix
 from safelora_cli.select import select_modules

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from safelora_cli.adapter import load_adapter
 from safelora_cli.errors import IncompatibleInputError, NumericalError
 from safelora_cli.index import index_folder
-from safelora_cli.merge import LoraTerm, merged_tensor, plan_merge
+from safelora_cli.merge import lora_factors, merged_tensor
+from safelora_cli.merge_plan import LoraTerm, plan_merge
 from safelora_cli.pairing import pair_modules
 from safelora_cli.projection import paper_project
 from safelora_cli.synthetic import LlamaShape, PairSpec, make_adapter, make_pair
@@ -44,7 +45,7 @@ def test_a_term_is_s_b_a_in_the_targets_layout(transposed: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 7, generator=gen), torch.randn(5, 3, generator=gen)
     term = LoraTerm("m", None, None, 1.5, transposed)  # type: ignore[arg-type]
-    factors = term.factors(a, b)
+    factors = lora_factors(term, a, b)
     want = 1.5 * (b.double() @ a.double())
     got = factors.left.double() @ factors.right.double()
     torch.testing.assert_close(got, want.T if transposed else want)
@@ -71,18 +72,24 @@ def plan_for(adapter: Path, aligned: Path) -> Any:
     ("key", "shape", "message"),
     [
         ("model.layers.0.self_attn.q_proj.lora_B.bias", (64,), "q_proj has no bias"),
-        ("model.norm.weight", (32,), r"model\.norm\.weight is \[64\] in the aligned"),
-        ("model.layers.0.unknown.weight", (4,), "unknown.weight is absent in the aligned"),
+        ("model.norm.weight", (32,), r"F32 \[32\]: the aligned model\.norm\.weight is F32 \[64\]"),
+        (
+            "model.layers.0.unknown.weight",
+            (4,),
+            "the aligned model.layers.0.unknown.weight is absent",
+        ),
+        ("model.layers.1.post_attention_layernorm.weight", (64,), r"I8 \[64\]: the aligned"),
         ("model.embed_tokens.token_adapter.trainable_tokens_delta", (2, 64), "trainable tokens"),
         ("model.embed_tokens.lora_embedding_A", (2, 128), "lora_embedding_A and lora_embedding_B"),
     ],
-    ids=["lora-bias-without-bias", "shape", "unknown", "trainable-tokens", "half-embedding"],
+    ids=["lora-bias-without-bias", "shape", "unknown", "int", "trainable-tokens", "half-embedding"],
 )
 def test_adapter_tensors_that_cannot_be_merged_are_refused(
     tmp_path: Path, key: str, shape: tuple[int, ...], message: str
 ) -> None:
     (_, aligned), adapter = synthetic(tmp_path)
-    add_tensors(adapter, {f"base_model.model.{key}": torch.zeros(shape)})
+    dtype = torch.int8 if "layernorm" in key else torch.float32
+    add_tensors(adapter, {f"base_model.model.{key}": torch.zeros(shape, dtype=dtype)})
     with pytest.raises(IncompatibleInputError, match=message) as caught:
         plan_for(adapter, aligned)
     assert caught.value.exit_code == 4

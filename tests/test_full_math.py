@@ -322,3 +322,20 @@ def test_the_patched_fine_tune_loads_in_transformers_with_every_key(
     written = folder_tensors(out)
     for name in run.selected:
         assert torch.equal(state[name], written[name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_score_and_the_merged_weight_match_the_cpu() -> None:
+    v = low_rank(300, 200, 6, seed=15)
+    d = fine_tune_delta(v, 0.5, seed=16)
+    w = torch.randn(300, 200).to(torch.bfloat16)
+    cuda = torch.device("cuda")
+    cpu_score, cpu_pd = score_delta(v, d, PAPER)
+    gpu_score, gpu_pd = score_delta(v.to(cuda), d.to(cuda), PAPER)
+    assert cpu_pd is not None
+    assert gpu_pd is not None
+    assert gpu_score.cosine == pytest.approx(cpu_score.cosine, abs=1e-5)
+    got = merged_weight(w, gpu_pd, torch.bfloat16, "w")
+    assert got.device.type == "cpu"
+    want = merged_weight(w, cpu_pd, torch.bfloat16, "w")
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=8e-3)  # bf16 ulp

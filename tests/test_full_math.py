@@ -21,6 +21,7 @@ from safelora_cli.full import (
     merged_weight,
     project_delta,
     score_delta,
+    score_projection,
     weight_delta_into,
 )
 from safelora_cli.full_targets import Targets
@@ -145,6 +146,20 @@ def test_row_blocks_give_the_same_result_as_one_block(monkeypatch: pytest.Monkey
     assert score.cosine == pytest.approx(one_score.cosine, abs=1e-6)
     assert score.distance == pytest.approx(one_score.distance, rel=1e-5)
     assert torch.equal(merged_weight(w, pd, torch.bfloat16, "w"), one_w)
+
+
+def test_a_profiles_factors_score_as_the_paper_projection() -> None:
+    """With V = U Σ Wᵀ stored as a profile, Ĉ D = (U Σ² / ‖V‖) (Uᵀ D): the same score."""
+    v = low_rank(50, 70, 5, seed=17)
+    d = fine_tune_delta(v, 0.5, seed=18)
+    v_norm, d_norm = float(v.norm()), float(d.norm())
+    u, sigma, _ = torch.linalg.svd(v, full_matrices=False)
+    profile = delta.Factored(u * sigma**2 / v_norm, u.T @ d)
+    want, _ = score_delta(v, d, PAPER, v_norm, d_norm)
+    got = score_projection(profile, d, v_norm, d_norm)
+    assert got.cosine == pytest.approx(want.cosine, abs=1e-6)
+    assert got.distance == pytest.approx(want.distance, rel=1e-5)
+    assert got.projected_b_norm == pytest.approx(want.projected_b_norm, rel=1e-5)
 
 
 def test_a_frozen_weight_and_a_zero_alignment_are_skipped_with_the_reason() -> None:

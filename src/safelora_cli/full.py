@@ -120,19 +120,35 @@ def score_delta(
         if norm == 0.0:
             return ModuleScore(None, None, v_norm, d_norm, d_norm, 0.0, reason), None
     pd, k, captured = project_delta(v, d, spec or ProjectionSpec(), v_norm)
+    return score_projection(pd, d, v_norm, d_norm, k, captured), pd
+
+
+def score_projection(
+    pd: Factored,
+    d: torch.Tensor,
+    v_norm: float,
+    d_norm: float,
+    subspace_rank: int | None = None,
+    captured_energy: float | None = None,
+) -> ModuleScore:
+    """The score of a P D given as factors, whatever built it (``project_delta``, or a profile:
+    ``Factored(U_k Σ_k² / ‖V‖_F, U_kᵀ D)``). One pass of row blocks; ``d_norm`` > 0.
+
+    Returns:
+        The score (see ``score_delta``), cosine 0 when P D = 0.
+    """
     inner, pd_sq, dist_sq = _block_stats(pd, d)
     cosine = 0.0 if pd_sq <= 0.0 else max(-1.0, min(1.0, inner / (math.sqrt(pd_sq) * d_norm)))
-    score = ModuleScore(
+    return ModuleScore(
         cosine=cosine,
         projected_b=None,
         v_norm=v_norm,
         b_norm=d_norm,
         projected_b_norm=math.sqrt(pd_sq),
         distance=math.sqrt(max(dist_sq, 0.0)),
-        subspace_rank=k,
-        captured_energy=captured,
+        subspace_rank=subspace_rank,
+        captured_energy=captured_energy,
     )
-    return score, pd
 
 
 def merged_weight(

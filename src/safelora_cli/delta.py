@@ -15,8 +15,9 @@ import torch
 
 from safelora_cli.errors import NumericalError
 
-# A block of 4 Mi float32 (16 MiB): large enough that every row block is an efficient GEMM
-# (a 93 x 5632 block still runs at the full-matrix rate on CPU), small beside one weight.
+# A block of 4 Mi float32 (16 MiB): 2048 rows of a 2048-wide weight, 744 of a 5632-wide one.
+# Blocked, P D with its statistics ran within the noise of the unblocked product on 2 CPU
+# cores (bench/full_projection.py), and the scratch is small beside one weight.
 BLOCK_ELEMENTS = 1 << 22
 
 

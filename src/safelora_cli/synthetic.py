@@ -227,3 +227,69 @@ def make_adapter(
 def all_modules(shape: LlamaShape, projs: Iterable[str] = ALL_PROJ) -> list[str]:
     """Every (layer, projection) module name of ``shape``."""
     return [shape.module_name(layer, p) for layer in range(shape.layers) for p in projs]
+
+
+@dataclass(frozen=True)
+class FineTuneSpec:
+    """How to build a full fine-tune of an aligned model (``make_full_finetune``)."""
+
+    frozen: tuple[str, ...] = ()  # weights (names without ".weight") left identical to aligned
+    scale: float = 0.01  # ‖D‖_F of each changed matrix, relative to ‖W_aligned‖_F
+    shards: int = 1
+    dtype: torch.dtype | None = None  # None: the aligned model's
+    seed: int = 2
+    touch_others: bool = True  # also change norms and embeddings (not targeted by default)
+
+
+def _load_model(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def make_full_finetune(
+    folder: Path, base: Path, aligned: Path, spec: FineTuneSpec = FineTuneSpec()
+) -> Path:
+    """Write a full fine-tune of ``aligned``: D = W_ft − W_aligned leans towards span(V) by a
+    different amount per matrix (so cosines spread), some weights frozen (byte-identical).
+
+    Every 2-D weight not in ``spec.frozen`` changes; with ``touch_others`` so do the 1-D norms
+    (which no projection targets). Written as ``model.safetensors`` or ``spec.shards`` shards
+    with an index, with config.json (from the aligned model), generation_config.json and
+    tokenizer files beside it.
+    """
+    gen = _generator(spec.seed)
+    w_base, w_aligned = _load_model(base), _load_model(aligned)
+    matrices = [n for n, w in w_aligned.items() if w.dim() == 2]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in w_aligned.items():
+        dtype = spec.dtype or w.dtype
+        module = name.removesuffix(".weight")
+        if module in spec.frozen or (w.dim() != 2 and not spec.touch_others):
+            tensors[name] = w.to(dtype)
+            continue
+        w64 = w.double()
+        noise = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        delta = noise / float(noise.norm())
+        v = w64 - w_base[name].double()
+        if w.dim() == 2 and float(v.norm()) > 0:
+            lean = (matrices.index(name) + 1) / (len(matrices) + 1)
+            delta = lean * v / float(v.norm()) + (1 - lean) * delta
+        tensors[name] = (w64 + delta * (spec.scale * float(w64.norm()) / float(delta.norm()))).to(
+            dtype
+        )
+    config = json.loads((aligned / "config.json").read_text())
+    if spec.dtype is not None:
+        config["torch_dtype"] = str(spec.dtype).removeprefix("torch.")
+    save_model(folder, tensors, config, spec.shards)
+    sidecars = {
+        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "max_new_tokens": 8},
+        "tokenizer_config.json": {"model_max_length": 256, "tokenizer_class": "LlamaTokenizer"},
+        "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>"},
+    }
+    for name, value in sidecars.items():
+        (folder / name).write_text(json.dumps(value, indent=2))
+    return folder

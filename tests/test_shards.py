@@ -1,0 +1,216 @@
+"""The output model writer: shards copied with replaced byte ranges, everything else identical,
+sidecar policy, and what is left after a failure (nothing of its own)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from safelora_cli.errors import CorruptFileError
+from safelora_cli.index import INDEX_NAME, TensorIndex, index_folder
+from safelora_cli.loader import TORCH_DTYPES
+from safelora_cli.shards import ShardWriter, sidecar_files
+from safelora_cli.synthetic import PairSpec, make_pair
+from tests.full_helpers import byte_ranges, folder_tensors, masked_bytes, same_bytes
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+DOWN = "model.layers.1.mlp.down_proj.weight"
+NORM = "model.norm.weight"
+
+
+@pytest.fixture(params=[1, 3], ids=["single", "sharded"])
+def model(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    _, aligned = make_pair(tmp_path, PairSpec(dtype=torch.bfloat16, shards=request.param))
+    (aligned / "tokenizer.json").write_text('{"version": "1.0"}')
+    (aligned / "tokenizer.model").write_bytes(b"\x00sentencepiece\xff")
+    return aligned
+
+
+def new_value(index: TensorIndex, name: str, seed: int) -> torch.Tensor:
+    info = index.tensors[name]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(info.shape, generator=gen).to(TORCH_DTYPES[info.dtype])
+
+
+def test_replaced_tensors_change_and_every_other_byte_is_the_sources(
+    model: Path, tmp_path: Path
+) -> None:
+    index = index_folder(model)
+    out = tmp_path / "out"
+    out.mkdir()
+    values = {name: new_value(index, name, k) for k, name in enumerate((Q, DOWN, NORM))}
+    with ShardWriter(index, out) as writer:
+        for name, value in values.items():
+            writer.replace(index.tensors[name], value)
+            # streamed: written at once, not held until finalize
+            info = index.tensors[name]
+            with (out / info.path.name).open("rb") as fh:
+                fh.seek(info.offset)
+                assert fh.read(info.nbytes) == value.reshape(-1).view(torch.uint8).numpy().tobytes()
+        written = writer.finalize()
+    shards = sorted(p.name for p in written if p.suffix == ".safetensors")
+    assert shards == [p.name for p in index.files]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in model.iterdir())
+    got, source = folder_tensors(out), folder_tensors(model)
+    assert got.keys() == source.keys()
+    for name, tensor in got.items():
+        assert same_bytes(tensor, values.get(name, source[name])), name
+    ranges = byte_ranges(index, set(values))
+    for path in index.files:  # headers and untouched tensors: byte for byte
+        want = ranges.get(path, [])
+        assert masked_bytes(out / path.name, want) == masked_bytes(path, want)
+    for path in model.iterdir():
+        if not path.name.endswith(".safetensors"):
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    assert (out / INDEX_NAME).exists() == (model / INDEX_NAME).exists()
+
+
+def test_sidecar_policy(tmp_path: Path) -> None:
+    _, model = make_pair(tmp_path, PairSpec(shards=2))
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not the model's")
+    (model / "generation_config.json").write_text("{}")
+    (model / "pytorch_model.bin").write_bytes(b"pickle")
+    (model / "training_args.bin").write_bytes(b"pickle")
+    (model / "model.gguf").write_bytes(b"gguf")
+    (model / "consolidated.safetensors").write_bytes(b"stale")
+    (model / "safelora_report.json").write_text("{}")
+    (model / ".gitattributes").write_text("*.bin lfs")
+    (model / "subfolder").mkdir()
+    (model / "leak.txt").symlink_to(outside)
+    (model / "alias.json").symlink_to(model / "config.json")
+    os.mkfifo(model / "pipe.json")
+    keep, refused = sidecar_files(model)
+    assert [p.name for p in keep] == [
+        "alias.json", "config.json", "generation_config.json", INDEX_NAME,
+    ]  # fmt: skip
+    assert {p.name: why for p, why in refused} == {
+        "leak.txt": "a symlink to outside the model folder",
+        "model.gguf": "weights in another format would be stale",
+        "pipe.json": "not a regular file",
+        "pytorch_model.bin": "weights in another format would be stale",
+        "training_args.bin": "weights in another format would be stale",
+    }
+    index = index_folder(model)
+    out = tmp_path / "out"
+    out.mkdir()
+    with ShardWriter(index, out) as writer:
+        writer.finalize()  # never blocks on the FIFO
+    assert writer.refused == refused
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in keep] + [p.name for p in index.files]
+    )
+
+
+def test_a_hub_snapshots_links_into_its_own_blobs_are_copied(tmp_path: Path) -> None:
+    repo = tmp_path / "models--org--name"
+    _, built = make_pair(tmp_path / "build", PairSpec())
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in built.iterdir():
+        blob = repo / "blobs" / f"hash-{path.name}"
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    keep, refused = sidecar_files(snapshot)
+    assert [p.name for p in keep] == ["config.json"]
+    assert refused == []
+    out = tmp_path / "out"
+    out.mkdir()
+    with ShardWriter(index_folder(snapshot), out) as writer:
+        writer.finalize()
+    for name in ("config.json", "model.safetensors"):
+        assert not (out / name).is_symlink()
+        assert (out / name).read_bytes() == (built / name).read_bytes()
+
+
+def test_bad_replacements_are_refused_and_fail_the_writer(model: Path, tmp_path: Path) -> None:
+    index = index_folder(model)
+    out = tmp_path / "out"
+    out.mkdir()
+    info = index.tensors[Q]
+    writer = ShardWriter(index, out)
+    with pytest.raises(ValueError, match="the file holds BF16"):
+        writer.replace(info, torch.zeros(info.shape))  # float32, not bf16
+    with pytest.raises(ValueError, match=r"\[64, 63\]"):
+        writer.replace(info, torch.zeros(64, 63, dtype=torch.bfloat16))
+    writer.replace(info, new_value(index, Q, 1))
+    with pytest.raises(ValueError, match="replaced twice"):
+        writer.replace(info, new_value(index, Q, 2))
+    other = index_folder(make_pair(tmp_path / "other", PairSpec())[1])
+    with pytest.raises(ValueError, match="not a tensor of"):
+        writer.replace(other.tensors[Q], new_value(other, Q, 3))
+    written = writer.finalize()
+    assert len(written) > len(index.files)
+    with pytest.raises(RuntimeError, match="finalized"):
+        writer.finalize()
+
+
+def test_an_exception_leaves_nothing_and_finalize_refuses(model: Path, tmp_path: Path) -> None:
+    index = index_folder(model)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "theirs.txt").write_text("the caller's")
+    writer = ShardWriter(index, out)
+
+    def interrupted() -> None:
+        with writer:
+            writer.replace(index.tensors[Q], new_value(index, Q, 1))
+            assert any(p.name.endswith(".safetensors") for p in out.iterdir())
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted()
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    with pytest.raises(RuntimeError, match="failed"):
+        writer.finalize()
+
+
+def test_disk_full_while_copying_a_shard_leaves_nothing(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last shard fills the disk halfway: in replace (one shard) or finalize (three)."""
+    index = index_folder(model)
+    out = tmp_path / "out"
+    out.mkdir()
+    copies = []
+    copyfile = shutil.copyfile
+
+    def copy_then_fill(src: Path, dst: Path) -> None:
+        copies.append(dst)
+        if len(copies) == len(index.files):
+            dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        copyfile(src, dst)
+
+    def write() -> None:
+        with ShardWriter(index, out) as writer:
+            writer.replace(index.tensors[Q], new_value(index, Q, 1))
+            writer.finalize()
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_fill)
+    with pytest.raises(OSError, match="No space left") as caught:
+        write()
+    assert caught.value.errno == errno.ENOSPC
+    assert len(copies) == len(index.files)
+    assert list(out.iterdir()) == []
+
+
+def test_a_shard_changed_since_it_was_indexed_is_refused(model: Path, tmp_path: Path) -> None:
+    index = index_folder(model)
+    info = index.tensors[DOWN]
+    with info.path.open("ab") as fh:
+        fh.write(b"extra")
+    out = tmp_path / "out"
+    out.mkdir()
+    with (
+        pytest.raises(CorruptFileError, match="changed during the run"),
+        ShardWriter(index, out) as writer,
+    ):
+        writer.replace(info, new_value(index, DOWN, 1))
+    assert list(out.iterdir()) == []

@@ -20,8 +20,9 @@ from safelora_cli.loader import TORCH_DTYPES, TensorReader
 from safelora_cli.merge import merged_tensors
 from safelora_cli.merge_plan import MergePlan, plan_merge
 from safelora_cli.pairing import pair_modules
-from safelora_cli.projection import ModuleScore, ProjectionSpec, alignment_matrix
-from safelora_cli.select import select_modules
+from safelora_cli.projection import ModuleScore, alignment_matrix
+from safelora_cli.selection import select_modules
+from safelora_cli.settings import ProjectionSpec
 from safelora_cli.shards import ShardWriter
 
 CPU = torch.device("cpu")

@@ -26,8 +26,9 @@ from safelora_cli.full import (
 )
 from safelora_cli.full_targets import Targets
 from safelora_cli.index import index_folder
-from safelora_cli.projection import SUBSPACE, ZERO_V, ProjectionSpec
-from safelora_cli.select import select_modules
+from safelora_cli.report import ZERO_V
+from safelora_cli.selection import select_modules
+from safelora_cli.settings import Projection, ProjectionSpec
 from safelora_cli.synthetic import FineTuneSpec, PairSpec, make_full_finetune, make_pair
 from tests.full_helpers import (
     byte_ranges,
@@ -41,6 +42,7 @@ from tests.full_helpers import (
     same_bytes,
 )
 
+SUBSPACE = Projection.SUBSPACE
 PAPER = ProjectionSpec()
 
 

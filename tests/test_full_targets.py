@@ -97,8 +97,8 @@ def test_parse_reads_a_list_a_regex_or_all_linear(values: list[str], want: Targe
     [
         ([" , "], "empty"),
         (["q_proj", r"(k|v)_proj"], "must be the only"),
-        (["(unclosed"], "not a valid regular expression"),
-        (["a*" * 600], "over 1000 characters"),
+        (["(unclosed"], "not a usable regular expression"),
+        (["a*" * 1100], "longer than 2000 characters"),
     ],
 )
 def test_parse_refuses_what_it_cannot_read(values: list[str], message: str) -> None:

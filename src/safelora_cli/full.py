@@ -24,14 +24,9 @@ import math
 import torch
 
 from safelora_cli.delta import Factored, add_delta
-from safelora_cli.projection import (
-    SUBSPACE,
-    ZERO_V,
-    ModuleScore,
-    ProjectionSpec,
-    alignment_matrix_into,
-    subspace_basis,
-)
+from safelora_cli.projection import ModuleScore, alignment_matrix_into, subspace_basis
+from safelora_cli.report import ZERO_V
+from safelora_cli.settings import Projection, ProjectionSpec
 
 UNCHANGED = "weight unchanged by the fine-tune"
 
@@ -61,7 +56,7 @@ def project_delta(
     """
     if v.shape != d.shape:
         raise ValueError(f"V {list(v.shape)} and D {list(d.shape)} differ in shape")
-    if spec.kind == SUBSPACE:
+    if spec.kind is Projection.SUBSPACE:
         u, captured = subspace_basis(v, v_norm, spec.rank, spec.energy)
         return Factored(u, u.T @ d), u.shape[1], captured
     out, inp = v.shape

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from safelora_cli.errors import IncompatibleInputError, UsageError
 from safelora_cli.index import FLOAT_DTYPES, TensorIndex, TensorInfo
 from safelora_cli.pairing import CONV1D_LAYERS, CONV1D_MODEL_TYPES
+from safelora_cli.patterns import bounded_match, compile_pattern
 
 ALL_LINEAR = "all-linear"
 # nn.Embedding layers of the common architectures: never Linear, so never in all-linear.
@@ -33,16 +34,13 @@ EMBEDDINGS = frozenset({
 OUTPUT_HEADS = frozenset({"lm_head", "embed_out"})
 _REGEX_CHARS = frozenset("*+?[](){}|^$\\")
 _BLOCK = re.compile(r"\.\d+\.")
-MAX_PATTERN_CHARS = 1000
 _SHOW = 5
 
 
 def pattern_fullmatch(pattern: str, name: str) -> bool:
-    """Whether ``pattern`` matches all of ``name``: the one place a regex from input is matched.
-
-    Python's ``re`` has no timeout; bounding a pathological pattern's time belongs here.
-    """
-    return re.fullmatch(pattern, name) is not None
+    """Whether ``pattern`` matches all of ``name`` (PEFT's rule for a regex), in bounded time
+    (``patterns.bounded_match``: a catastrophic pattern is an error, never a hang)."""
+    return bounded_match(compile_pattern(pattern), name, full=True, where="--targets")
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,7 @@ class Targets:
 
         Raises:
             UsageError: an empty list, a regex that does not compile or is over
-                ``MAX_PATTERN_CHARS``, or a regex mixed with other values.
+                ``patterns.MAX_PATTERN``, or a regex mixed with other values.
         """
         items = [part.strip() for value in values for part in _split(value)]
         items = [item for item in items if item]
@@ -100,12 +98,12 @@ def _split(value: str) -> list[str]:
 
 
 def _checked_pattern(pattern: str) -> str:
-    if len(pattern) > MAX_PATTERN_CHARS:
-        raise UsageError(f"--targets: the regex is over {MAX_PATTERN_CHARS} characters")
     try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise UsageError(f"--targets {pattern!r}: not a valid regular expression ({exc})") from exc
+        compile_pattern(pattern)
+    except ValueError as exc:
+        raise UsageError(
+            f"--targets {pattern[:80]!r}: not a usable regular expression ({exc})"
+        ) from exc
     return pattern
 
 

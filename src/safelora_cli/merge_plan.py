@@ -14,10 +14,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from safelora_cli.adapter import PREFIX, Adapter, expected_rank
+from safelora_cli.adapter import PREFIX, Adapter, expected_rank, scaling
 from safelora_cli.errors import IncompatibleInputError
 from safelora_cli.index import FLOAT_DTYPES, TensorIndex, TensorInfo
-from safelora_cli.inspection import scaling
 from safelora_cli.pairing import TIED_FALLBACKS, ModulePair
 
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B)(?:\.(?P<name>[^.]+))?\.weight$")
@@ -139,7 +138,7 @@ def plan_merge(
     chosen = adapter_name if adapter_name is not None else _name_of(pairs)
     config, where = adapter.config, str(adapter.root / "adapter_config.json")
     for pair in pairs:
-        s = scaling(config, pair.name, where)[2]
+        s = scaling(config, pair.name)[2]
         term = LoraTerm(pair.name, pair.lora.a, pair.lora.b, s, pair.transpose)
         build.add(pair.aligned, term=term)
     embeddings: dict[str, dict[str, TensorInfo]] = {}
@@ -194,7 +193,7 @@ def _plan_bias(
         found = "no bias" if target is None else f"a {target.dtype} {list(target.shape)} bias"
         build.problems.append(f"{info.name} {list(info.shape)}: the aligned {module} has {found}")
         return
-    s = scaling(config, module, where)[2]
+    s = scaling(config, module)[2]
     build.add(target, bias_term=BiasTerm(module, info, s))
 
 
@@ -225,7 +224,7 @@ def _plan_embedding(
             f"not fit the aligned {module}.weight ({found})"
         )
         return
-    s = scaling(config, module, where)[2]
+    s = scaling(config, module)[2]
     build.add(target, term=LoraTerm(module, a, b, s, transposed=True))
 
 

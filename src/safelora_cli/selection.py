@@ -25,7 +25,7 @@ def select_modules(
     """
     if not cosines:
         return set(), None
-    if select is Select.NUMBER:
+    if Select(select) is Select.NUMBER:  # a plain "number" too
         ordered = sorted(cosines.values())
         threshold = ordered[min(num_layers, len(ordered)) - 1]
     return {name for name, cos in cosines.items() if cos <= threshold}, threshold

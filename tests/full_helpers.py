@@ -5,6 +5,7 @@ written out with the library's pieces, and the dense float64 references they are
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,42 +14,39 @@ from typing import Any
 import torch
 
 from safelora_cli.adapter import load_adapter
-from safelora_cli.full import merged_weight, score_delta
-from safelora_cli.full_targets import FullPair, Targets, pair_full_weights
 from safelora_cli.index import TensorIndex, index_folder
-from safelora_cli.loader import TORCH_DTYPES, TensorReader
+from safelora_cli.loader import TensorReader
 from safelora_cli.merge import merged_tensors
 from safelora_cli.merge_plan import MergePlan, plan_merge
 from safelora_cli.pairing import pair_modules
-from safelora_cli.projection import ModuleScore, alignment_matrix
-from safelora_cli.selection import select_modules
-from safelora_cli.settings import ProjectionSpec
+from safelora_cli.settings import ProjectionSpec, Settings
 from safelora_cli.shards import ShardWriter
+from safelora_cli.sidecars import plan_sidecars
 
 CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
+class Scored:
+    """A weight's score as the report gives it."""
+
+    cosine: float | None
+    skipped: str | None
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+
+
+@dataclass(frozen=True)
 class FullRun:
-    pairs: list[FullPair]
-    scores: dict[str, ModuleScore]
+    """What ``safelora patch FT_MODEL`` did, read back from its report (keys: weight names)."""
+
+    pairs: list[Target]
+    scores: dict[str, Scored]
     selected: set[str]
-    written: list[Path]
-
-
-def _deltas(
-    reader: TensorReader, pair: FullPair
-) -> tuple[torch.Tensor, float, torch.Tensor, float]:
-    assert pair.base is not None
-    w_base, w_aligned, w_ft = (
-        reader.read(pair.base),
-        reader.read(pair.aligned),
-        reader.read(pair.ft),
-    )
-    v, d = alignment_matrix(w_base, w_aligned, CPU), alignment_matrix(w_aligned, w_ft, CPU)
-    if pair.transpose:
-        v, d = v.T, d.T
-    return v, float(torch.linalg.vector_norm(v)), d, float(torch.linalg.vector_norm(d))
+    report: dict[str, Any]
 
 
 def patch_full(
@@ -60,37 +58,23 @@ def patch_full(
     select: str = "threshold",
     num_layers: int = 10,
     threshold: float = 1.0,
-    targets: Targets | None = None,
+    targets: tuple[str, ...] = (),
 ) -> FullRun:
-    """Score every targeted weight, select, then write the selected ones (a second pass)."""
-    spec, targets = spec or ProjectionSpec(), targets or Targets()
-    ft_index = index_folder(ft)
-    config = json.loads((ft / "config.json").read_text())
-    pairs = pair_full_weights(
-        ft_index, index_folder(aligned), index_folder(base), targets, config.get("model_type")
+    """Patch a full fine-tune through the library (``pipeline.patch``) into ``out``."""
+    from safelora_cli import pipeline
+
+    spec = spec or ProjectionSpec()
+    settings = Settings(select=select, num_layers=num_layers, threshold=threshold,
+                        projection=spec.kind, rank=spec.rank, energy=spec.energy,
+                        targets=targets)  # fmt: skip
+    report = pipeline.patch(ft, base, aligned, out, settings).report
+    modules = report["modules"]
+    return FullRun(
+        pairs=[Target(m["weight"]) for m in modules],
+        scores={m["weight"]: Scored(m["cosine"], m["skipped"]) for m in modules},
+        selected={m["weight"] for m in modules if m["projected"]},
+        report=report,
     )
-    scores = {}
-    with torch.inference_mode(), TensorReader() as reader:
-        for pair in pairs:
-            v, v_norm, d, d_norm = _deltas(reader, pair)
-            scores[pair.name], _ = score_delta(v, d, spec, v_norm, d_norm)
-        cosines = {n: s.cosine for n, s in scores.items() if s.cosine is not None}
-        selected, _ = select_modules(cosines, select, num_layers, threshold)
-        out.mkdir()
-        with ShardWriter(ft_index, out) as writer:
-            for pair in pairs:
-                if pair.name not in selected:
-                    continue
-                v, v_norm, d, d_norm = _deltas(reader, pair)
-                _, pd = score_delta(v, d, spec, v_norm, d_norm)
-                assert pd is not None
-                dtype = TORCH_DTYPES[pair.ft.dtype]
-                w_out = merged_weight(
-                    reader.read(pair.aligned), pd.T if pair.transpose else pd, dtype, pair.name
-                )
-                writer.replace(pair.ft, w_out)
-            written = writer.finalize()
-    return FullRun(pairs, scores, selected, written)
 
 
 def merge_to(
@@ -111,6 +95,8 @@ def merge_to(
         for info, tensor in merged_tensors(plan, reader.read, lora_b):
             writer.replace(info, tensor)
         writer.finalize()
+    for path in plan_sidecars(aligned, aligned.resolve(), model=True)[0]:
+        shutil.copyfile(path, out / path.name)
     return plan
 
 

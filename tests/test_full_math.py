@@ -24,7 +24,6 @@ from safelora_cli.full import (
     score_projection,
     weight_delta_into,
 )
-from safelora_cli.full_targets import Targets
 from safelora_cli.index import index_folder
 from safelora_cli.report import ZERO_V
 from safelora_cli.selection import select_modules
@@ -41,6 +40,7 @@ from tests.full_helpers import (
     patch_full,
     same_bytes,
 )
+from tests.helpers import CARD, REPORT
 
 SUBSPACE = Projection.SUBSPACE
 PAPER = ProjectionSpec()
@@ -304,7 +304,8 @@ def test_full_flow_matches_the_dense_reference_and_copies_the_rest(
             path, ranges.get(path, [])
         )
     copied = sorted(p.name for p in ft.iterdir())
-    assert sorted(p.name for p in out.iterdir()) == copied
+    assert sorted(p.name for p in out.iterdir()) == sorted([*copied, CARD, REPORT])
+    assert run.report["kind"] == "full"
     for name in copied:
         if not name.endswith(".safetensors"):
             assert (out / name).read_bytes() == (ft / name).read_bytes(), name
@@ -312,8 +313,7 @@ def test_full_flow_matches_the_dense_reference_and_copies_the_rest(
 
 def test_named_targets_reach_embeddings_and_the_head(tmp_path: Path) -> None:
     ft, base, aligned = build(tmp_path, torch.float32, 1)
-    targets = Targets.parse(["embed_tokens,lm_head"])
-    run = patch_full(ft, base, aligned, tmp_path / "out", targets=targets)
+    run = patch_full(ft, base, aligned, tmp_path / "out", targets=("embed_tokens,lm_head",))
     assert {p.name for p in run.pairs} == {"model.embed_tokens.weight", "lm_head.weight"}
     # the synthetic pair's alignment also moves these, so both are scored and, at T = 1, patched
     assert run.selected == {"model.embed_tokens.weight", "lm_head.weight"}

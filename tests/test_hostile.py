@@ -72,7 +72,7 @@ def test_hub_snapshot_links_into_its_repository_are_copied(tmp_path: Path) -> No
     assert resolved.trusted_root == repo.resolve()
     notices = Notices()
     with OutputFolder(tmp_path / "out") as out:
-        out.copy_files(snapshot, set(), resolved.trusted_root, notices, trusted=set())
+        out.copy_files(snapshot, resolved.trusted_root, notices)
     assert (tmp_path / "out" / "README.md").read_text() == "card from the hub"
     assert not (tmp_path / "out" / "stolen.txt").exists()
     assert [n.code for n in notices.items] == ["file-outside-input"]

@@ -373,3 +373,39 @@ def test_peft_refuses_lora_bias_without_a_bias_and_so_does_the_plan(
         peft_merged(aligned, adapter)
     with pytest.raises(IncompatibleInputError, match="q_proj has no bias"):
         plan_for(adapter, aligned)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_cli_merge_equals_peft_merge_of_the_patched_adapter(
+    case: Case, models: dict[str, Pair], tmp_path: Path
+) -> None:
+    """`safelora patch --merge` writes what PEFT's merge_and_unload() makes of the adapter that
+    `safelora patch` writes: the same selection, B', scaling and variant rules, end to end."""
+    from peft import LoraConfig
+
+    from tests.factories import peft_adapter
+    from tests.helpers import invoke
+
+    base, aligned = models[case.family]
+    adapter = peft_adapter(base, LoraConfig(**case.lora), tmp_path / "adapter", seed=2)
+    perturb_saved_tensors(adapter)
+    args = ["patch", str(adapter), "--base", str(base), "--aligned", str(aligned),
+            "--num-layers", "1", "--quiet"]  # fmt: skip
+    patched, merged = tmp_path / "patched", tmp_path / "merged"
+    assert invoke([*args, "-o", str(patched)]).exit_code == 0
+    result = invoke([*args, "-o", str(merged), "--merge"])
+    assert result.exit_code == 0, result.stderr
+    reference = peft_merged(aligned, patched)
+    got, source = folder_tensors(merged), folder_tensors(aligned)
+    assert got.keys() == source.keys()
+    for name, tensor in got.items():
+        eps = max(torch.finfo(tensor.dtype).eps, 1e-6)
+        torch.testing.assert_close(tensor.double(), reference[name], rtol=eps, atol=eps)
+    report = json.loads((merged / "safelora_report.json").read_text())
+    assert report["summary"]["projected"] >= 1
+    alone = json.loads((patched / "safelora_report.json").read_text())
+    same = ("modules", "settings", "inputs", "summary", "kind")
+    assert {k: report[k] for k in same} == {k: alone[k] for k in same}
+    tied = [w for w in report["warnings"] if w["code"] == "merged-tied"]
+    assert len(tied) == len(case.tied)

@@ -99,6 +99,7 @@ NON_DEFAULT = {
     "energy": (None, None),  # excludes --rank
     "device": ("cpu", "cpu"),
     "adapter_name": ("other", "other"),
+    "targets": ("q_proj", ["q_proj"]),
 }
 
 

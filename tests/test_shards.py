@@ -14,8 +14,11 @@ import torch
 from safelora_cli.errors import CorruptFileError
 from safelora_cli.index import INDEX_NAME, TensorIndex, index_folder
 from safelora_cli.loader import TORCH_DTYPES
-from safelora_cli.shards import ShardWriter, sidecar_files
+from safelora_cli.notices import Notices
+from safelora_cli.shards import ShardWriter
+from safelora_cli.sidecars import plan_sidecars
 from safelora_cli.synthetic import PairSpec, make_pair
+from safelora_cli.writer import OutputFolder
 from tests.full_helpers import byte_ranges, folder_tensors, masked_bytes, same_bytes
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -55,7 +58,7 @@ def test_replaced_tensors_change_and_every_other_byte_is_the_sources(
         written = writer.finalize()
     shards = sorted(p.name for p in written if p.suffix == ".safetensors")
     assert shards == [p.name for p in index.files]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in model.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in index.files)
     got, source = folder_tensors(out), folder_tensors(model)
     assert got.keys() == source.keys()
     for name, tensor in got.items():
@@ -64,10 +67,6 @@ def test_replaced_tensors_change_and_every_other_byte_is_the_sources(
     for path in index.files:  # headers and untouched tensors: byte for byte
         want = ranges.get(path, [])
         assert masked_bytes(out / path.name, want) == masked_bytes(path, want)
-    for path in model.iterdir():
-        if not path.name.endswith(".safetensors"):
-            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
-    assert (out / INDEX_NAME).exists() == (model / INDEX_NAME).exists()
 
 
 def test_sidecar_policy(tmp_path: Path) -> None:
@@ -85,26 +84,22 @@ def test_sidecar_policy(tmp_path: Path) -> None:
     (model / "leak.txt").symlink_to(outside)
     (model / "alias.json").symlink_to(model / "config.json")
     os.mkfifo(model / "pipe.json")
-    keep, refused = sidecar_files(model)
+    keep, refused = plan_sidecars(model, model.resolve(), model=True)
     assert [p.name for p in keep] == [
         "alias.json", "config.json", "generation_config.json", INDEX_NAME,
     ]  # fmt: skip
-    assert {p.name: why for p, why in refused} == {
-        "leak.txt": "a symlink to outside the model folder",
-        "model.gguf": "weights in another format would be stale",
-        "pipe.json": "not a regular file",
-        "pytorch_model.bin": "weights in another format would be stale",
-        "training_args.bin": "weights in another format would be stale",
+    assert {r.path.name: r.code for r in refused} == {
+        "leak.txt": "file-outside-input",
+        "model.gguf": "stale-weights",
+        "pipe.json": "file-not-regular",
+        "pytorch_model.bin": "stale-weights",
+        "training_args.bin": "stale-weights",
     }
-    index = index_folder(model)
-    out = tmp_path / "out"
-    out.mkdir()
-    with ShardWriter(index, out) as writer:
-        writer.finalize()  # never blocks on the FIFO
-    assert writer.refused == refused
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [p.name for p in keep] + [p.name for p in index.files]
-    )
+    notices = Notices()
+    with OutputFolder(tmp_path / "out") as out:  # never blocks on the FIFO
+        out.copy_files(model, model.resolve(), notices, model=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [p.name for p in keep]
+    assert sorted(n.code for n in notices.items) == sorted(r.code for r in refused)
 
 
 def test_a_hub_snapshots_links_into_its_own_blobs_are_copied(tmp_path: Path) -> None:
@@ -117,16 +112,15 @@ def test_a_hub_snapshots_links_into_its_own_blobs_are_copied(tmp_path: Path) -> 
         blob = repo / "blobs" / f"hash-{path.name}"
         shutil.copyfile(path, blob)
         (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
-    keep, refused = sidecar_files(snapshot)
+    keep, refused = plan_sidecars(snapshot, repo.resolve(), model=True)
     assert [p.name for p in keep] == ["config.json"]
     assert refused == []
     out = tmp_path / "out"
     out.mkdir()
     with ShardWriter(index_folder(snapshot), out) as writer:
         writer.finalize()
-    for name in ("config.json", "model.safetensors"):
-        assert not (out / name).is_symlink()
-        assert (out / name).read_bytes() == (built / name).read_bytes()
+    assert not (out / "model.safetensors").is_symlink()
+    assert (out / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
 
 
 def test_bad_replacements_are_refused_and_fail_the_writer(model: Path, tmp_path: Path) -> None:
@@ -146,7 +140,7 @@ def test_bad_replacements_are_refused_and_fail_the_writer(model: Path, tmp_path:
     with pytest.raises(ValueError, match="not a tensor of"):
         writer.replace(other.tensors[Q], new_value(other, Q, 3))
     written = writer.finalize()
-    assert len(written) > len(index.files)
+    assert written == [out / path.name for path in index.files]
     with pytest.raises(RuntimeError, match="finalized"):
         writer.finalize()
 

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 PRESET_PATH_ENV = "SAFELORA_PRESET_PATH"
 
-_STR, _INT, _FLOAT = (str,), (int,), (float, int)
-_TOML_TYPES = {int: _INT, float: _FLOAT}  # str and the str Enums of the choices: _STR
+_STR, _INT, _FLOAT, _LIST = (str,), (int,), (float, int), (list,)
+_TOML_TYPES = {int: _INT, float: _FLOAT, list: _LIST}  # str and the str Enums: _STR
 KEY_TYPES: dict[str, tuple[type, ...]] = {
     **{option.key: _TOML_TYPES.get(option.type, _STR) for option in OPTIONS},
     "description": _STR,
@@ -106,13 +106,16 @@ def check_table(table: Mapping[str, Any], allowed: Iterable[str], where: str) ->
             raise UsageError(f"{where}: {key!r} is given twice (as - and _)")
         types = KEY_TYPES[key]
         if not _has_type(raw_value, types):
-            kind = {_STR: "a string", _INT: "an integer", _FLOAT: "a number"}[types]
+            kind = {_STR: "a string", _INT: "an integer", _FLOAT: "a number",
+                    _LIST: "a list of strings"}[types]  # fmt: skip
             raise UsageError(f"{where}: {raw_key!r} must be {kind}, not {raw_value!r}")
         checked[key] = float(raw_value) if types is _FLOAT else raw_value
     return checked
 
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    if types is _LIST:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
     return isinstance(value, types) and not isinstance(value, bool)
 
 

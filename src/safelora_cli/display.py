@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from safelora_cli.notices import NOTE, Notice, NotifyFn
-from safelora_cli.report import SHORT_REASONS
+from safelora_cli.report import SHORT_REASONS, subject
 from safelora_cli.untrusted import safe_text
 
 ProgressFn = Any  # pipeline.ProgressFn, without importing torch
@@ -88,8 +88,7 @@ def summary_table(console: Console, report: dict[str, Any]) -> None:
     summary = report["summary"]
     rows = [m for m in report["modules"] if m["projected"] or m["skipped"]]
     table = Table(
-        title=f"safelora: {shown(report['inputs']['adapter']['path'])}: "
-        "projected and skipped modules",
+        title=f"safelora: {shown(subject(report))}: projected and skipped modules",
         caption=(
             f"{summary['projected']} of {summary['modules']} modules projected, "
             f"{summary['skipped']} skipped; threshold used {_num(summary['threshold_used'])}; "
@@ -97,7 +96,8 @@ def summary_table(console: Console, report: dict[str, Any]) -> None:
         ),
     )
     table.add_column("module", no_wrap=True)
-    for column in ("cosine", "‖V‖", "‖B‖ before", "‖B‖ after"):
+    update = "‖D‖" if report.get("kind") == "full" else "‖B‖"  # D = W_ft − W_aligned
+    for column in ("cosine", "‖V‖", f"{update} before", f"{update} after"):
         table.add_column(column, justify="right")
     table.add_column("status")
     for m in rows:
@@ -249,4 +249,31 @@ def _passthrough_table(console: Console, tensors: Sequence[dict[str, Any]]) -> N
     table.add_column("shape", justify="right")
     for tensor in tensors:
         table.add_row(shown(tensor["name"]), tensor["dtype"], " × ".join(map(str, tensor["shape"])))
+    console.print(table)
+
+
+def changed_table(console: Console, info: dict[str, Any]) -> None:
+    """A full fine-tune's changed tensors, most changed first (``finetune.inspect_full``)."""
+    summary = info["summary"]
+    changed = [t for t in info["tensors"] if t["changed"]]
+    table = Table(
+        title=f"safelora inspect: {shown(info['inputs']['model']['path'])}: changed weights",
+        caption=(
+            f"{summary['changed']} of {summary['tensors']} tensors changed by the fine-tune, "
+            f"{summary['targeted_changed']} of them patched by default"
+        ),
+    )
+    table.add_column("tensor", no_wrap=True)
+    table.add_column("shape", justify="right")
+    table.add_column("‖D‖", justify="right")
+    table.add_column("‖D‖/‖W‖", justify="right")
+    table.add_column("default target")
+    for tensor in changed:
+        table.add_row(
+            shown(tensor["tensor"]),
+            " × ".join(map(str, tensor["shape"])),
+            _num(tensor["d_norm"]),
+            _num(tensor["relative"]),
+            "yes" if tensor["targeted"] else "",
+        )
     console.print(table)

@@ -25,10 +25,10 @@ import torch
 
 from safelora_cli.delta import Factored, add_delta
 from safelora_cli.projection import ModuleScore, alignment_matrix_into, subspace_basis
-from safelora_cli.report import ZERO_V
+from safelora_cli.report import UNCHANGED, ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec
 
-UNCHANGED = "weight unchanged by the fine-tune"
+__all__ = ["UNCHANGED", "merged_weight", "project_delta", "score_delta", "score_projection"]
 
 
 def weight_delta_into(

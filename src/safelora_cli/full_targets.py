@@ -192,7 +192,7 @@ def pair_full_weights(
             many).
         UsageError: from ``select_targets``.
     """
-    problems = _model_problems(ft, aligned)
+    problems = model_problems(ft, aligned)
     chosen = select_targets({n: i.shape for n, i in ft.tensors.items()}, targets)
     pairs, more = [], []
     conv1d = model_type in CONV1D_MODEL_TYPES
@@ -219,7 +219,9 @@ def pair_full_weights(
     return sorted(pairs, key=lambda p: (str(p.ft.path), p.ft.offset))
 
 
-def _model_problems(ft: TensorIndex, aligned: TensorIndex) -> list[str]:
+def model_problems(ft: TensorIndex, aligned: TensorIndex) -> list[str]:
+    """Names and shapes in which the fine-tune and the aligned model differ (the first few of
+    each kind, and how many): a fine-tune of this aligned model has none."""
     only_ft = [n for n in ft.tensors if n not in aligned]
     only_aligned = [n for n in aligned.tensors if n not in ft]
     shapes = [

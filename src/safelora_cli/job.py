@@ -6,15 +6,16 @@ inputs belong together (``provenance.py``): what it returns is everything the st
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from safelora_cli.adapter import Adapter, load_adapter
+from safelora_cli.adapter import CONFIG_NAME, Adapter, load_adapter
 from safelora_cli.errors import UsageError
-from safelora_cli.index import TensorIndex, index_folder
+from safelora_cli.index import PICKLE_SUFFIXES, TensorIndex, index_folder
 from safelora_cli.notices import Notices, NotifyFn
-from safelora_cli.pairing import ModulePair, pair_modules
+from safelora_cli.pairing import MODEL_CONFIG, ModulePair, pair_modules
 from safelora_cli.provenance import check_adapter, check_pair, file_identities, refuse
 from safelora_cli.resolve import ResolvedInput, resolve
 from safelora_cli.settings import Settings
@@ -49,25 +50,47 @@ class Job:
         ]
 
 
+def check_inputs_pair(base: ResolvedInput, aligned: ResolvedInput, notices: Notices) -> None:
+    """Refuse a model pair that cannot mean anything (the same model twice); warn about one that
+    looks like a mistake (``provenance.check_pair``)."""
+    findings = check_pair(
+        base.describe(),
+        aligned.describe(),
+        file_identities(base.path),
+        file_identities(aligned.path),
+    )
+    refuse(findings)
+    for finding in findings:
+        notices.add(finding.code, finding.message, values=finding.values)
+
+
 def _check_provenance(
     base: ResolvedInput,
     aligned: ResolvedInput,
     adapters: list[tuple[ResolvedInput, Adapter]],
     notices: Notices,
 ) -> None:
-    """Refuse a pair that cannot mean anything; warn about inputs that look like a mistake."""
-    base_entry, aligned_entry = base.describe(), aligned.describe()
-    findings = check_pair(
-        base_entry, aligned_entry, file_identities(base.path), file_identities(aligned.path)
-    )
-    refuse(findings)
-    for finding in findings:
-        notices.add(finding.code, finding.message, values=finding.values)
+    """The pair's checks, then whether each adapter was trained on ``--aligned``."""
+    check_inputs_pair(base, aligned, notices)
     for adapter_input, adapter in adapters:
-        for finding in check_adapter(adapter.config, base_entry, aligned_entry):
+        for finding in check_adapter(adapter.config, base.describe(), aligned.describe()):
             notices.scoped(str(adapter_input.path)).add(
                 finding.code, finding.message, values=finding.values
             )
+
+
+ADAPTER, FULL = "adapter", "full"
+
+
+def input_kind(path: Path) -> str:
+    """What a local input folder holds: an adapter (``adapter_config.json``) or a full model
+    (``config.json`` beside safetensors weights: a full fine-tune)."""
+    if os.path.lexists(path / CONFIG_NAME):
+        return ADAPTER
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", *PICKLE_SUFFIXES)]
+    if os.path.lexists(path / MODEL_CONFIG) and weights:
+        return FULL  # index_folder refuses pickle-only weights, with a hint
+    return ADAPTER  # load_adapter says what is missing
 
 
 def prepare(

@@ -20,7 +20,12 @@ SCHEMA_VERSION = 1
 REPORT_NAME = "safelora_report.json"
 ZERO_V = "base and aligned identical"
 ZERO_DELTA = "LoRA delta is zero"
-SHORT_REASONS = {ZERO_V: "skipped: V = 0", ZERO_DELTA: "skipped: BA = 0"}
+UNCHANGED = "weight unchanged by the fine-tune"
+SHORT_REASONS = {
+    ZERO_V: "skipped: V = 0",
+    ZERO_DELTA: "skipped: BA = 0",
+    UNCHANGED: "skipped: D = 0",
+}
 """Why a module is skipped (the report's ``skipped``), and how a table says it in short."""
 FUSED = frozenset({"qkv_proj", "gate_up_proj", "c_attn", "query_key_value", "Wqkv", "W_pack"})
 
@@ -41,7 +46,7 @@ class ModuleRecord:
     module: str
     weight: str
     shape: tuple[int, int]
-    rank: int
+    rank: int | None  # None for a full fine-tune's weight
     cosine: float | None
     skipped: str | None
     v_norm: float
@@ -81,6 +86,7 @@ def module_entry(record: ModuleRecord, projected: bool) -> dict[str, Any]:
 
 def build(
     *,
+    kind: str = "adapter",
     settings: dict[str, Any],
     inputs: dict[str, Any],
     records: Iterable[ModuleRecord],
@@ -93,8 +99,9 @@ def build(
     """Assemble the report of one adapter from a finished scoring run.
 
     Args:
+        kind: "adapter" (a LoRA adapter; merged or not) or "full" (a full fine-tune).
         settings: ``Settings.describe(device)``.
-        inputs: role ("base", "aligned", "adapter") -> ``ResolvedInput.describe()``.
+        inputs: role ("base", "aligned", "adapter" or "model") -> ``ResolvedInput.describe()``.
         records: one per module, any order (the report sorts them by name, naturally).
         selected: the modules projected; threshold_used: the cut the selection used.
         passthrough: tensors copied through unchanged; output: the output folder, if any.
@@ -108,6 +115,7 @@ def build(
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "safelora", "version": __version__},
+        "kind": kind,
         "settings": settings,
         "inputs": inputs,
         "output": output,
@@ -122,6 +130,13 @@ def build(
         },
         "warnings": warnings,
     }
+
+
+def subject(report: dict[str, Any]) -> str:
+    """What a report is about: the adapter's or the fine-tune's path (or ref)."""
+    inputs = report.get("inputs") or {}
+    entry = inputs.get("adapter") or inputs.get("model") or {}
+    return str(entry.get("path") or entry.get("ref") or "(unknown)")
 
 
 def read_reports(path: Path) -> list[dict[str, Any]]:

@@ -72,9 +72,11 @@ class Settings:
     energy: float | None = None
     device: str = "auto"
     adapter_name: str | None = None
+    targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "select", _choice(Select, self.select, "--select"))
+        object.__setattr__(self, "targets", tuple(self.targets or ()))
         object.__setattr__(self, "projection", _choice(Projection, self.projection, "--projection"))
         if self.select is Select.THRESHOLD and not -1.0 <= self.threshold <= 1.0:
             raise UsageError(
@@ -115,6 +117,7 @@ class Settings:
     def describe(self, device: str) -> dict[str, Any]:
         """The report's ``settings``: every field, the unused one of K and T as null."""
         described = {key: str(v) if isinstance(v, Enum) else v for key, v in asdict(self).items()}
+        described["targets"] = list(self.targets) or None
         if self.select is not Select.NUMBER:
             described["num_layers"] = None
         if self.select is not Select.THRESHOLD:
@@ -139,6 +142,11 @@ class Option:
     short: str | None = None
     metavar: str | None = None
     preset: bool = False
+
+    @property
+    def annotation(self) -> Any:
+        """The Python type of the option's value: ``list[str]`` for ``list``."""
+        return list[str] if self.type is list else self.type
 
     @property
     def flag(self) -> str:
@@ -172,6 +180,9 @@ SETTING_OPTIONS = (
            metavar="E", preset=True),
     Option("device", str, "auto, cpu, cuda or cuda:N.", metavar="DEVICE"),
     Option("adapter_name", str, "Adapter to take when a file holds several.", metavar="NAME"),
+    Option("targets", list, "Full fine-tunes: the weights to patch: module names (repeat or "
+           "comma-separate), one regex, or all-linear. [default: every 2-D weight of the "
+           "repeated blocks]", metavar="NAMES"),
 )  # fmt: skip
 OPTIONS = INPUT_OPTIONS + SETTING_OPTIONS
 """Every option of ``patch`` and ``score`` that a run file may also hold."""

@@ -6,18 +6,15 @@ byte ranges overwritten: headers, untouched tensors, shard names, the index and 
 kernel, ``shutil.copyfile``) when its first tensor is replaced, and each replacement is written as
 soon as it is given, so memory stays O(one tensor) whatever the model size.
 
-The caller owns the folder: normally a staging folder it publishes atomically once ``finalize``
-has returned. Sidecar policy: regular files at the top of the source folder, never a weight file
-of another format (pickles such as ``*.bin`` would be stale, unpatched copies that some loaders
-prefer), never a hidden file, never a symlink that leads out of the model folder (a hub snapshot's
-links into its own cached repository excepted).
+The caller owns the folder: normally a staging folder (``writer.OutputFolder``) it publishes
+atomically once ``finalize`` has returned, and into which it copies the sidecar files (config,
+generation config, tokenizer, the index) under ``sidecars.py``'s policy.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import stat
 from io import FileIO
 from pathlib import Path
 from types import TracebackType
@@ -26,57 +23,8 @@ from typing import Any, cast
 import torch
 
 from safelora_cli.errors import CorruptFileError
-from safelora_cli.index import PICKLE_SUFFIXES, TensorIndex, TensorInfo
+from safelora_cli.index import TensorIndex, TensorInfo
 from safelora_cli.loader import TORCH_DTYPES
-from safelora_cli.report import REPORT_NAME
-
-# Weights in other formats than the shards: copying them would publish stale, unpatched weights.
-STALE_WEIGHT_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors", ".gguf", ".onnx", ".msgpack", ".h5")
-
-
-def sidecar_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The files of a model folder to copy beside its weights, and those refused, with why.
-
-    Args:
-        root: the model folder (its shards and index are handled by the caller).
-    Returns:
-        (files to copy, sorted; (file, reason) for each file left out that a user might expect).
-    """
-    keep: list[Path] = []
-    refused: list[tuple[Path, str]] = []
-    inside = [root.resolve()]
-    if root.parent.name == "snapshots":  # hub cache: snapshots/<commit>/x -> ../../blobs/<hash>
-        inside.append(root.parent.parent.resolve())
-    for path in sorted(root.iterdir()):
-        name = path.name
-        if name.startswith(".") or name == REPORT_NAME:
-            continue
-        if name.endswith(STALE_WEIGHT_SUFFIXES):
-            if not name.endswith(".safetensors"):
-                refused.append((path, "weights in another format would be stale"))
-            continue
-        reason = _refusal(path, inside)
-        if reason is None:
-            keep.append(path)
-        elif reason != "a folder":
-            refused.append((path, reason))
-    return keep, refused
-
-
-def _refusal(path: Path, inside: list[Path]) -> str | None:
-    try:
-        mode = path.stat().st_mode  # follows links: a FIFO or device is never opened
-    except OSError:
-        return "a broken link" if path.is_symlink() else "unreadable"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if not stat.S_ISREG(mode):
-        return "not a regular file"
-    if path.is_symlink():
-        real = path.resolve()
-        if not any(real.is_relative_to(folder) for folder in inside):
-            return "a symlink to outside the model folder"
-    return None
 
 
 class ShardWriter:
@@ -86,7 +34,7 @@ class ShardWriter:
         >>> with ShardWriter(index_folder(aligned), stage) as writer:
         ...     for info, tensor in merged_tensors(plan, reader.read):
         ...         writer.replace(info, tensor)
-        ...     written = writer.finalize()
+        ...     shards = writer.finalize()
     After an exception inside the ``with`` block (or from ``replace``), ``finalize`` refuses and
     the files written so far are removed.
     """
@@ -95,7 +43,6 @@ class ShardWriter:
         self.source = source
         self.output = output
         self.replaced: set[str] = set()
-        self.refused: list[tuple[Path, str]] = []
         self._handles: dict[Path, FileIO] = {}
         self._sizes = {info.path: info.file_size for info in source.tensors.values()}
         self._created: list[Path] = []
@@ -148,10 +95,10 @@ class ShardWriter:
         self.replaced.add(info.name)
 
     def finalize(self) -> list[Path]:
-        """Copy every shard not touched and the sidecar files; check every shard's size.
+        """Copy every shard not touched; check every shard's size.
 
         Returns:
-            The files written, shards first. ``refused`` then lists sidecars left out, and why.
+            The shards written.
         Raises:
             RuntimeError: after an exception, or a second time.
         """
@@ -162,9 +109,6 @@ class ShardWriter:
             self._close()
             for path in self.source.files:
                 self._check_size(path, self.output / path.name)
-            files, self.refused = sidecar_files(self.source.root)
-            for path in files:
-                self._copy(path, self.output / path.name)
         except BaseException:
             self._fail()
             raise

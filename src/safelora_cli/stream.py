@@ -11,19 +11,34 @@ job): the two threads' torch pools compete for the same cores and memory bandwid
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol, TypeVar
 
 import torch
 
+from safelora_cli.index import TensorInfo
 from safelora_cli.loader import TensorReader
-from safelora_cli.pairing import ModulePair
 from safelora_cli.projection import BLOCK_ELEMENTS, alignment_matrix_into
 
 
+class Difference(Protocol):
+    """Two stored weights of one shape whose difference, ``aligned − base``, is streamed: a
+    ``pairing.ModulePair`` (V), or (W_aligned, W_ft) for a full fine-tune's D."""
+
+    @property
+    def base(self) -> TensorInfo: ...
+
+    @property
+    def aligned(self) -> TensorInfo: ...
+
+
+P = TypeVar("P", bound=Difference)
+
+
 def alignment_stream(
-    pairs: list[ModulePair], device: torch.device
-) -> Iterator[tuple[ModulePair, torch.Tensor, float]]:
+    pairs: Sequence[P], device: torch.device
+) -> Iterator[tuple[P, torch.Tensor, float]]:
     """Yield (pair, V, ‖V‖_F) for each pair in order; V (float32, stored layout) is valid until
     the next item is requested, as its buffer is then reused.
 

@@ -39,10 +39,10 @@ from safelora_cli.errors import (
     SafeLoraError,
     UsageError,
 )
-from safelora_cli.index import PICKLE_SUFFIXES
 from safelora_cli.loader import TensorReader
 from safelora_cli.notices import Notices
 from safelora_cli.report import REPORT_NAME
+from safelora_cli.sidecars import plan_sidecars
 from safelora_cli.smallfiles import load_json
 
 try:
@@ -203,25 +203,20 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
             raise OSError(code, os.strerror(code), str(path)) from exc
 
     def copy_files(
-        self, source: Path, skip: set[str], inside: Path, notices: Notices, trusted: set[str]
+        self,
+        source: Path,
+        inside: Path,
+        notices: Notices,
+        skip: frozenset[str] = frozenset(),
+        trusted: frozenset[str] = frozenset(),
+        model: bool = False,
     ) -> None:
-        """Copy ``source``'s regular files into the output: not ``skip``, never pickles, and
-        only files that live in ``inside`` unless ``trusted`` (a link that leads elsewhere could
-        carry a private file into an output the user then publishes: skipped, with a notice).
-        """
-        for src in sorted(source.iterdir()):
-            # pickled weights would be stale, unpatched copies that some loaders prefer
-            if src.name in skip or src.suffix in PICKLE_SUFFIXES:
-                continue
-            real = Path(os.path.realpath(src))
-            if not real.is_file():  # folders, FIFOs, devices, dangling links
-                continue
-            if src.name not in trusted and not real.is_relative_to(inside):
-                notices.add(
-                    "file-outside-input",
-                    f"{src}: not copied: it is a link to {real}, outside {inside}",
-                )
-                continue
+        """Copy ``source``'s sidecar files into the output (``sidecars.plan_sidecars``); each
+        file left out that a user might expect is a notice."""
+        keep, refused = plan_sidecars(source, inside, skip, trusted, model)
+        for refusal in refused:
+            notices.add(refusal.code, f"{refusal.path}: not copied: {refusal.reason}")
+        for src in keep:
             _copy_input(src, self.path / src.name)
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -400,8 +395,8 @@ def write_adapter(
             for name, info in adapter.weights.tensors.items()
         }
         out.save_tensors(WEIGHTS_NAME, tensors, adapter.weights.metadata)
-    ours = {WEIGHTS_NAME, REPORT_NAME} | skip
-    out.copy_files(adapter.root, ours, inside, notices, trusted={CONFIG_NAME})
+    ours = frozenset({WEIGHTS_NAME}) | skip
+    out.copy_files(adapter.root, inside, notices, ours, trusted=frozenset({CONFIG_NAME}))
     if not (out.path / CONFIG_NAME).is_file():
         raise CorruptFileError(f"{adapter.root / CONFIG_NAME}: removed during the run")
 

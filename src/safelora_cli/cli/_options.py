@@ -25,7 +25,8 @@ from safelora_cli.settings import OPTIONS, Option
 AdaptersArg = Annotated[
     list[str],
     typer.Argument(
-        help="PEFT LoRA adapter folder(s); '-' reads one path per line from stdin.",
+        help="PEFT LoRA adapter folder(s), or one full fine-tune's model folder (FT_MODEL); "
+        "'-' reads one path per line from stdin.",
         show_default=False,
         metavar="ADAPTER",
     ),
@@ -62,10 +63,15 @@ class RunFlags:
 
 def _annotation(option: Option) -> Any:
     default = option.default
-    shown = f" [default: {default}]" if default is not None else ""
+    shown = f" [default: {default}]" if default not in (None, ()) else ""
     declared = (option.flag, option.short) if option.short else (option.flag,)
     info = typer.Option(*declared, help=option.help + shown, metavar=option.metavar)
-    return Annotated[option.type | None, info]  # None: "not given", so a preset can fill it
+    return Annotated[option.annotation | None, info]  # None: "not given", a preset can fill it
+
+
+def _given(value: Any) -> Any:
+    """None for an option not given: typer gives a list option that was not given as []."""
+    return None if value == [] else value
 
 
 def run_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -84,7 +90,7 @@ def run_options(command: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> None:
-        values = {o.key: kwargs.pop(o.key) for o in OPTIONS}
+        values = {o.key: _given(kwargs.pop(o.key)) for o in OPTIONS}
         command(run=RunFlags(values, kwargs.pop("config")), **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=expanded)  # type: ignore[attr-defined]

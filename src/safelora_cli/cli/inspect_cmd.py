@@ -18,6 +18,7 @@ Examples:
   safelora inspect ./my-lora
   safelora inspect ./my-lora --base meta-llama/Llama-2-7b-hf   # does every module pair?
   safelora inspect ./my-lora --json | jq '.summary'
+  safelora inspect ./full-ft --aligned meta-llama/Llama-2-7b-chat-hf   # what changed, how much
 """
 
 
@@ -25,7 +26,11 @@ Examples:
 def inspect_command(
     adapter: Annotated[
         str,
-        typer.Argument(help="PEFT LoRA adapter folder.", show_default=False, metavar="ADAPTER"),
+        typer.Argument(
+            help="PEFT LoRA adapter folder, or a full fine-tune's model folder (with --aligned).",
+            show_default=False,
+            metavar="ADAPTER",
+        ),
     ],
     base: Annotated[
         str | None,
@@ -33,7 +38,11 @@ def inspect_command(
     ] = None,
     aligned: Annotated[
         str | None,
-        typer.Option("--aligned", help="Also pair against this aligned model (needs --base)."),
+        typer.Option(
+            "--aligned",
+            help="Also pair against this aligned model (needs --base); for a full fine-tune: "
+            "the model it was trained from.",
+        ),
     ] = None,
     revision: RevisionOpt = None,
     adapter_name: AdapterNameOpt = None,
@@ -43,9 +52,13 @@ def inspect_command(
 ) -> None:
     """Show ADAPTER's modules, ranks, scaling, dtypes and passthrough tensors (headers only).
 
-    With --base, exits 4 after the listing when a module has no matching base weight.
+    With --base, exits 4 after the listing when a module has no matching base weight. For a full
+    fine-tune, with --aligned: which weights changed and by how much (‖D‖/‖W‖; reads both).
     """
     with errors_to_exit():
+        if _is_model(adapter):
+            _inspect_model(adapter, aligned, revision, as_json)
+            return
         if aligned is not None and base is None:
             raise UsageError("--aligned needs --base", "give both models, or only --base")
         from safelora_cli.inspection import inspect_adapter
@@ -65,3 +78,28 @@ def inspect_command(
                 f"the model(s) given; first: {first['module']}: {first['problem']}",
                 "check that --base is the model the adapter was trained on",
             )
+
+
+def _is_model(ref: str) -> bool:
+    from pathlib import Path
+
+    from safelora_cli.job import FULL, input_kind
+
+    return Path(ref).is_dir() and input_kind(Path(ref)) == FULL
+
+
+def _inspect_model(model: str, aligned: str | None, revision: str | None, as_json: bool) -> None:
+    if aligned is None:
+        raise UsageError(
+            f"{model}: is a full model; inspecting it compares it with --aligned",
+            "give --aligned REF, the model it was fine-tuned from",
+        )
+    from safelora_cli.finetune import inspect_full
+
+    info = inspect_full(model, aligned, revision)
+    if as_json:
+        write_stdout(json.dumps(info, indent=2) + "\n")
+    else:
+        from safelora_cli.display import changed_table, show_safely
+
+        show_safely(stderr, changed_table, info)

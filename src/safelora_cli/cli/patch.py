@@ -30,6 +30,9 @@ Examples:
       safelora patch - --base ./base --aligned ./chat --output ./safe
   safelora patch ./my-lora --preset llama-2-7b-chat --output ./my-lora-safe
   safelora patch ./my-lora --config run.toml --num-layers 8 --output ./out
+  safelora patch ./my-lora --preset llama-2-7b-chat --merge --output ./merged-model
+  safelora patch ./full-ft --base ./base --aligned ./chat --output ./full-ft-safe
+  safelora patch ./full-ft --base ./base --aligned ./chat --targets q_proj,v_proj -o ./out
 """
 
 
@@ -52,9 +55,25 @@ def patch(
     force: Annotated[
         bool, typer.Option("--force", help="Replace safelora's files in a non-empty OUTPUT.")
     ] = False,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="Write the full model the patched adapter makes (W_aligned + s·B'A), "
+            "for engines without LoRA.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Project the drifting modules of ADAPTER and write a patched adapter to OUTPUT."""
+    """Project the drifting modules of ADAPTER (or of a full fine-tune) and write the patched
+    adapter (or model) to OUTPUT.
+
+    A full fine-tune (a model folder with config.json and safetensors, no adapter_config.json)
+    is patched on D = W_ft − W_aligned: its selected weights become W_aligned + P D, every other
+    tensor and file stays the fine-tune's. Cost per weight O(out·in·min(out, in)): about 1-2 s
+    for a 2048 x 5632 weight on 2 CPU cores, 20-45 min for a 7B model (extrapolated); --device
+    cuda uses a GPU (not measured yet; see README).
+    """
     with errors_to_exit():
         paths, batch = adapter_list(adapters)
         if batch and report is not None:
@@ -67,7 +86,7 @@ def patch(
                 results = pipeline.patch_many(
                     paths, config.base, config.aligned, output, config.settings,
                     force=force, revision=config.revision, progress=progress,
-                    notify=notice_printer(stderr, quiet), command=invoked,
+                    notify=notice_printer(stderr, quiet), command=invoked, merge=merge,
                 )  # fmt: skip
             else:
                 results = [
@@ -83,6 +102,7 @@ def patch(
                         progress=progress,
                         notify=notice_printer(stderr, quiet),
                         command=invoked,
-                    )  # fmt: skip
+                        merge=merge,
+                    )
                 ]
         emit_results(stderr, [r.report for r in results], as_json, quiet, batch)

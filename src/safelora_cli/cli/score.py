@@ -19,6 +19,8 @@ from safelora_cli.cli._options import (
 )
 from safelora_cli.display import emit_results, notice_printer, progress_bar
 from safelora_cli.errors import ExitCode, UsageError
+from safelora_cli.report import subject
+from safelora_cli.untrusted import safe_text
 
 EXAMPLES = """\b
 Examples:
@@ -26,6 +28,7 @@ Examples:
   safelora score ./my-lora --base ./base --aligned ./chat \\
       --select threshold --threshold 0.5 --fail-if-projected 0   # CI gate
   safelora score ./run/checkpoint-* --preset llama-2-7b-chat --json > reports.json
+  safelora score ./full-ft --base ./base --aligned ./chat --targets all-linear
 """
 
 
@@ -73,7 +76,7 @@ def score(
     over = [r for r in reports if r["summary"]["projected"] > fail_if_projected]
     for report in over:
         print(
-            f"gate failed: {report['inputs']['adapter']['path']}: "
+            f"gate failed: {safe_text(subject(report))}: "
             f"{report['summary']['projected']} modules would be projected, "
             f"more than {fail_if_projected}",
             file=sys.stderr,

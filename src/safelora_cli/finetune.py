@@ -188,20 +188,13 @@ def full_report(
         score = scored.scores[pair.module]
         out_dim, in_dim = pair.ft.shape[-2:]
         records.append(
-            reporting.ModuleRecord(
+            reporting.record(
+                score,
                 module=pair.module,
                 weight=pair.name,
                 shape=(in_dim, out_dim) if pair.transpose else (out_dim, in_dim),
                 rank=None,
-                cosine=score.cosine,
-                skipped=score.skipped,
-                v_norm=score.v_norm,
-                b_norm=score.b_norm,
-                projected_b_norm=score.projected_b_norm,
-                distance=score.distance,
                 transposed=pair.transpose,
-                subspace_rank=score.subspace_rank,
-                captured_energy=score.captured_energy,
             )
         )
     report = reporting.build(

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from safelora_cli import __version__
 from safelora_cli.errors import CorruptFileError, IncompatibleInputError
@@ -57,6 +57,63 @@ class ModuleRecord:
     transposed: bool = False
     subspace_rank: int | None = None
     captured_energy: float | None = None
+
+
+class Score(Protocol):
+    """What a score holds for the report (``projection.ModuleScore``, without importing torch)."""
+
+    @property
+    def cosine(self) -> float | None: ...
+
+    @property
+    def skipped(self) -> str | None: ...
+
+    @property
+    def v_norm(self) -> float: ...
+
+    @property
+    def b_norm(self) -> float: ...
+
+    @property
+    def projected_b_norm(self) -> float: ...
+
+    @property
+    def distance(self) -> float: ...
+
+    @property
+    def subspace_rank(self) -> int | None: ...
+
+    @property
+    def captured_energy(self) -> float | None: ...
+
+
+def record(
+    score: Score,
+    *,
+    module: str,
+    weight: str,
+    shape: tuple[int, int],
+    rank: int | None,
+    tied: bool = False,
+    transposed: bool = False,
+) -> ModuleRecord:
+    """A module's record from its score and where it is."""
+    return ModuleRecord(
+        module=module,
+        weight=weight,
+        shape=shape,
+        rank=rank,
+        cosine=score.cosine,
+        skipped=score.skipped,
+        v_norm=score.v_norm,
+        b_norm=score.b_norm,
+        projected_b_norm=score.projected_b_norm,
+        distance=score.distance,
+        tied=tied,
+        transposed=transposed,
+        subspace_rank=score.subspace_rank,
+        captured_energy=score.captured_energy,
+    )
 
 
 def module_entry(record: ModuleRecord, projected: bool) -> dict[str, Any]:

@@ -152,21 +152,14 @@ def score_job(job: Job, device: torch.device, progress: ProgressFn | None = None
 
 
 def _record(pair: ModulePair, score: ModuleScore) -> reporting.ModuleRecord:
-    return reporting.ModuleRecord(
+    return reporting.record(
+        score,
         module=pair.name,
         weight=pair.base.name,
         shape=pair.shape,
         rank=pair.lora.rank,
-        cosine=score.cosine,
-        skipped=score.skipped,
-        v_norm=score.v_norm,
-        b_norm=score.b_norm,
-        projected_b_norm=score.projected_b_norm,
-        distance=score.distance,
         tied=pair.tied,
         transposed=pair.transpose,
-        subspace_rank=score.subspace_rank,
-        captured_energy=score.captured_energy,
     )
 
 

@@ -6,31 +6,36 @@ folder is removed and the target is untouched. Publishing is atomic against othe
 ``--force`` the staging folder is renamed onto the target, which fails if the target appeared
 (non-empty) during the run; with ``--force`` the old folder is swapped out in one step under a lock,
 so the target never holds a mix of two runs' files (files safelora did not write are carried over).
-What goes into an adapter folder (the copy policy) is ``write_adapter``'s.
+Which input files travel into an output is ``sidecars.py``'s policy; the low-level pieces (atomic
+files, the publish lock, held-back interrupts) are ``atomic.py``'s.
 """
 
 from __future__ import annotations
 
 import errno
-import io
-import json
 import os
 import re
 import secrets
 import shutil
-import signal
-import tempfile
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any, BinaryIO
+from types import TracebackType
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from safelora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter
+from safelora_cli.atomic import (
+    copy_input,
+    deferred_signals,
+    publish_lock,
+    remove_tree,
+    stage_json,
+    write_json,
+    write_text,
+)
 from safelora_cli.errors import (
     CorruptFileError,
     FilesystemError,
@@ -45,11 +50,8 @@ from safelora_cli.report import REPORT_NAME
 from safelora_cli.sidecars import plan_sidecars
 from safelora_cli.smallfiles import load_json
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: publishing is then not serialized between runs
-    fcntl = None  # type: ignore[assignment]
-
+__all__ = ["OutputFolder", "cast_checked", "check_output", "check_report_path", "output_error",
+           "write_adapter", "write_json", "write_text"]  # fmt: skip
 STAGE_PREFIX = ".safelora-tmp-"
 _OLD_PREFIX = ".safelora-old-"
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
@@ -165,12 +167,12 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         except OSError as exc:  # FileExistsError included: never remove a folder that is not ours
             raise output_error(self.target, exc) from exc
         except BaseException:
-            _remove(self.path)
+            remove_tree(self.path)
             raise
 
     def discard(self) -> None:
         """Remove everything staged; the target and the attached files' paths are untouched."""
-        _remove(self.path)
+        remove_tree(self.path)
         for staged, _ in self._attached:
             staged.unlink(missing_ok=True)
 
@@ -186,7 +188,7 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
     def attach_json(self, path: Path, value: Any) -> None:
         """Stage a JSON file that lives outside the folder (``--report``): it is published with
         the folder, just after it, and never without it."""
-        self._attached.append((_stage_json(path, value), path))
+        self._attached.append((stage_json(path, value), path))
 
     def save_tensors(
         self, name: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None
@@ -217,7 +219,7 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         for refusal in refused:
             notices.add(refusal.code, f"{refusal.path}: not copied: {refusal.reason}")
         for src in keep:
-            _copy_input(src, self.path / src.name)
+            copy_input(src, self.path / src.name)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write one file of the output."""
@@ -232,7 +234,7 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         for path in self.path.iterdir():
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
-        with _publish_lock(self.parent), _deferred_signals() as caught:
+        with publish_lock(self.parent), deferred_signals() as caught:
             if self.force and _has_entries(self.target):
                 self._swap()
             else:
@@ -282,23 +284,6 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _copy_input(src: Path, dst: Path) -> None:
-    """Copy one input file; a read failure is the input's (exit 3), a write failure the output's."""
-    try:
-        source = src.open("rb")
-    except OSError as exc:
-        raise CorruptFileError(f"{src}: cannot read ({exc.strerror})") from exc
-    with source, dst.open("wb") as target:
-        while True:
-            try:
-                chunk = source.read(1 << 20)
-            except OSError as exc:
-                raise CorruptFileError(f"{src}: cannot read ({exc.strerror})") from exc
-            if not chunk:
-                return
-            target.write(chunk)
-
-
 def _has_entries(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
@@ -312,49 +297,6 @@ def _previous_files(target: Path) -> list[str]:
     except SafeLoraError:
         return []
     return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
-
-
-@contextmanager
-def _publish_lock(parent: Path) -> Iterator[None]:
-    """Serialize publishing between safelora runs writing into the same parent folder."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _deferred_signals() -> Iterator[list[int]]:
-    """Hold SIGINT/SIGTERM back while the output is being moved into place (a few renames), so
-    that an interrupt never leaves it half-swapped; yields the signals that arrived meanwhile."""
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-
-    def record(signum: int, frame: FrameType | None) -> None:
-        caught.append(signum)
-
-    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield caught
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _remove(stage: Path) -> None:
-    """Remove the staging folder, even when a second Ctrl-C or SIGTERM lands during removal."""
-    try:
-        shutil.rmtree(stage, ignore_errors=True)
-    except KeyboardInterrupt:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
 
 
 def output_error(target: Path, exc: OSError) -> FilesystemError:
@@ -410,45 +352,3 @@ def cast_checked(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.T
             "the adapter's dtype cannot hold the projected values; convert the adapter to fp32",
         )
     return out
-
-
-def _stage_file(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write a temporary file beside ``path`` with ``write`` (synced to disk) and return it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def _stage_json(path: Path, value: Any) -> Path:
-    def dump(fh: BinaryIO) -> None:
-        text = io.TextIOWrapper(fh, encoding="utf-8", write_through=True)
-        json.dump(value, text, indent=2, allow_nan=False)
-        text.write("\n")
-        text.detach()
-
-    return _stage_file(path, dump)
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically: to a temporary file beside ``path``, then renamed over it."""
-    _replace(_stage_file(path, lambda fh: fh.write(text.encode("utf-8"))), path)
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically, as ``write_text``."""
-    _replace(_stage_json(path, value), path)

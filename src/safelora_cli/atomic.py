@@ -1,0 +1,128 @@
+"""Atomic: the low-level pieces that make writing safe: files written beside their target and
+renamed into place, publishing serialized between runs, interrupts held back while a folder is
+being moved, and input files copied with their failures told apart from the output's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any, BinaryIO
+
+from safelora_cli.errors import CorruptFileError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: publishing is then not serialized between runs
+    fcntl = None  # type: ignore[assignment]
+
+
+def copy_input(src: Path, dst: Path) -> None:
+    """Copy one input file; a read failure is the input's (exit 3), a write failure the output's."""
+    try:
+        source = src.open("rb")
+    except OSError as exc:
+        raise CorruptFileError(f"{src}: cannot read ({exc.strerror})") from exc
+    with source, dst.open("wb") as target:
+        while True:
+            try:
+                chunk = source.read(1 << 20)
+            except OSError as exc:
+                raise CorruptFileError(f"{src}: cannot read ({exc.strerror})") from exc
+            if not chunk:
+                return
+            target.write(chunk)
+
+
+@contextmanager
+def publish_lock(parent: Path) -> Iterator[None]:
+    """Serialize publishing between safelora runs writing into the same parent folder."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """Hold SIGINT/SIGTERM back while the output is being moved into place (a few renames), so
+    that an interrupt never leaves it half-swapped; yields the signals that arrived meanwhile."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def remove_tree(stage: Path) -> None:
+    """Remove the staging folder, even when a second Ctrl-C or SIGTERM lands during removal."""
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+    except KeyboardInterrupt:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def stage_file(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a temporary file beside ``path`` with ``write`` (synced to disk) and return it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def stage_json(path: Path, value: Any) -> Path:
+    def dump(fh: BinaryIO) -> None:
+        text = io.TextIOWrapper(fh, encoding="utf-8", write_through=True)
+        json.dump(value, text, indent=2, allow_nan=False)
+        text.write("\n")
+        text.detach()
+
+    return stage_file(path, dump)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically: to a temporary file beside ``path``, then renamed over it."""
+    _replace(stage_file(path, lambda fh: fh.write(text.encode("utf-8"))), path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically, as ``write_text``."""
+    _replace(stage_json(path, value), path)

@@ -91,14 +91,26 @@ def load_json_object(
         raw = path.read_bytes()
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from exc
+    return parse_json_object(raw, f"{path}: {what}", error)
+
+
+def parse_json_object(
+    raw: bytes, where: str, error: type[Exception] = CorruptFileError
+) -> dict[str, Any]:
+    """Decode UTF-8 JSON that must hold one object, rejecting duplicate keys and deep nesting.
+
+    Args:
+        raw: the bytes; where: how to name them in errors ("config.json: adapter config").
+        error: the error class to raise.
+    """
     try:
         value = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except _DuplicateKey as exc:
-        raise error(f"{path}: {what} has the key {exc.key!r} twice") from exc
+        raise error(f"{where} has the key {exc.key!r} twice") from exc
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise error(f"{path}: {what} is not valid JSON ({exc})", "re-export the file") from exc
+        raise error(f"{where} is not valid JSON ({exc})", "re-export the file") from exc
     if not isinstance(value, dict):
-        raise error(f"{path}: {what} is not a JSON object")
+        raise error(f"{where} is not a JSON object")
     return value
 
 

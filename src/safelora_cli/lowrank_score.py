@@ -1,0 +1,195 @@
+"""Scoring one module from a profile entry instead of V. Pure torch, no I/O.
+
+Shapes: A = lora_A (r, in), B = lora_B (out, r), the entry's Û (out, k) and ŝ (k,).
+
+    paper:     Ĉ_k B = Û diag(ŝ²) Ûᵀ B / ν, with a bound on |cosine − exact cosine|
+    subspace:  U_j U_jᵀ B for j ≤ k (``--rank j``, or the smallest j whose ŝ² reach ``--energy``)
+
+The bound's derivation is in ``safelora_cli.lowrank``. An entry stored whole is scored by
+``projection.score_module`` on its V, exactly as the model pair would be.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import replace
+
+import torch
+
+from safelora_cli.errors import IncompatibleInputError
+from safelora_cli.lowrank import WHOLE, ZERO, LowRank
+from safelora_cli.projection import (
+    ENERGY_TOLERANCE,
+    SUBSPACE,
+    ZERO_DELTA,
+    ZERO_V,
+    ModuleScore,
+    ProjectionSpec,
+    factored_cosine,
+    score_module,
+)
+
+PAPER_SPEC = ProjectionSpec()
+
+
+def score_entry(
+    entry: LowRank,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    spec: ProjectionSpec = PAPER_SPEC,
+    module: str = "",
+) -> ModuleScore:
+    """Score one module from its profile entry: project B, and the cosine between P B A and B A.
+
+    Args:
+        entry: the weight's profile entry, in the module's (out, in) orientation.
+        a: lora_A, (r, in); b: lora_B, (out, r); any float dtype, same device.
+        spec: the projector. Subspace ranks and energies must be within what the entry stores.
+        module: the module's name, for error messages.
+    Returns:
+        The score, with ``profile_rank`` and, in paper mode, ``cosine_bound``.
+    Raises:
+        IncompatibleInputError: a subspace rank or energy beyond the stored rank.
+    """
+    b32 = b.float()
+    b_norm = float(torch.linalg.vector_norm(b32))
+    if entry.kind == ZERO:
+        return ModuleScore(None, None, 0.0, b_norm, b_norm, 0.0, ZERO_V, profile_rank=0)
+    if entry.kind == WHOLE:
+        assert entry.v is not None
+        score = score_module(entry.v.to(b.device), a, b, spec, entry.v_norm)
+        bound = None if spec.kind == SUBSPACE or score.cosine is None else 0.0
+        return replace(score, profile_rank=entry.rank, cosine_bound=bound)
+    u, s = _factors(entry, b.device)
+    captured, k = None, None
+    if spec.kind == SUBSPACE:
+        k, captured = subspace_rank(entry, spec, module)
+        uk = u[:, :k]
+        pb = uk @ (uk.T @ b.double())
+    else:
+        pb = u @ ((s**2).unsqueeze(1) * (u.T @ b.double())) / entry.v_norm
+    cosine, ba_norm = factored_cosine(pb, b32, a.float())
+    if ba_norm == 0.0:
+        return ModuleScore(None, None, entry.v_norm, b_norm, b_norm, 0.0, ZERO_DELTA, k, captured)
+    bound = None if spec.kind == SUBSPACE else paper_cosine_bound(entry, a, b, pb)
+    pb32 = pb.float()
+    return ModuleScore(
+        cosine=cosine,
+        projected_b=pb32,
+        v_norm=entry.v_norm,
+        b_norm=b_norm,
+        projected_b_norm=float(torch.linalg.vector_norm(pb32)),
+        distance=float(torch.linalg.vector_norm(b32 - pb32)),
+        subspace_rank=k,
+        captured_energy=captured,
+        profile_rank=entry.rank,
+        cosine_bound=bound,
+    )
+
+
+def _factors(entry: LowRank, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    assert entry.u is not None
+    assert entry.s is not None
+    return entry.u.to(device, torch.float64), entry.s.to(device, torch.float64)
+
+
+def subspace_rank(entry: LowRank, spec: ProjectionSpec, module: str = "") -> tuple[int, float]:
+    """j for ``spec`` (its ``rank``, or the smallest j whose ŝ² reach its ``energy``) and the
+    share of ‖V‖²_F the top j hold.
+
+    Raises:
+        IncompatibleInputError: j (or the energy) is beyond the entry's stored rank k.
+    """
+    assert entry.s is not None
+    k = entry.rank
+    cumulative = torch.cumsum(entry.s.double() ** 2, 0) / entry.v_norm**2
+    where = module or "a module"
+    if spec.rank is not None:
+        if spec.rank > k and k < min(entry.shape):
+            raise IncompatibleInputError(
+                f"--rank {spec.rank}: the profile stores rank {k} for {where}",
+                f"use --rank {k} or less, or build the profile with --rank {spec.rank}",
+            )
+        j = min(spec.rank, k)
+    else:
+        assert spec.energy is not None
+        reached = torch.nonzero(cumulative >= spec.energy - ENERGY_TOLERANCE)
+        if not len(reached):
+            raise IncompatibleInputError(
+                f"--energy {spec.energy}: the profile stores rank {k} for {where}, "
+                f"which holds {float(cumulative[-1]):.4f} of ‖V‖²",
+                "lower --energy, or build the profile with a higher --rank or --max-rank",
+            )
+        j = int(reached[0]) + 1
+    return j, min(1.0, float(cumulative[j - 1]))
+
+
+def paper_cosine_bound(entry: LowRank, a: torch.Tensor, b: torch.Tensor, pb: torch.Tensor) -> float:
+    """A bound on |cos(Ĉ_k B A, B A) − cos(Ĉ B A, B A)| from the entry, A and B alone.
+
+    Args:
+        entry: a LOWRANK entry; a: (r, in); b: (out, r); pb: Ĉ_k B, (out, r).
+    Returns:
+        sqrt(2 − 2 sqrt(1 − δ²)) with δ = β / ‖M̂ B A‖_F (``safelora_cli.lowrank``); 2 when
+        δ ≥ 1 or M̂ B A = 0 (nothing can be said).
+    """
+    u, _ = _factors(entry, b.device)
+    z, _ = torch.linalg.qr(u)
+    b64, a64 = b.double(), a.double()
+    gram = a64 @ a64.T
+    inside = z.T @ b64  # Y_P = Z (Zᵀ B) A
+    outside = b64 - z @ inside  # Y_Q = (Q B) A
+    y_p = _weighted_norm(inside, gram)
+    y_q = _weighted_norm(outside, gram)
+    cert = entry.certificate
+    f, c, t = cert.ritz, cert.cross, cert.tail
+    beta = math.hypot(f * y_p + c * y_q, c * y_p + t * y_q)
+    mhat_y = entry.v_norm * _weighted_norm(pb.double(), gram)
+    if mhat_y == 0.0 or beta >= mhat_y:
+        return 2.0
+    delta = beta / mhat_y
+    return math.sqrt(max(0.0, 2.0 - 2.0 * math.sqrt(1.0 - delta * delta)))
+
+
+def _weighted_norm(x: torch.Tensor, gram: torch.Tensor) -> float:
+    """‖X A‖_F from X (m, r) and G = A Aᵀ."""
+    return math.sqrt(max(0.0, float(((x.T @ x) * gram).sum())))
+
+
+def uncertain_modules(
+    cosines: Mapping[str, float],
+    bounds: Mapping[str, float],
+    selected: Collection[str],
+    threshold: float | None = None,
+    num_layers: int | None = None,
+) -> set[str]:
+    """Modules whose selection could differ with exact cosines, given each cosine's bound.
+
+    Args:
+        cosines, bounds: module -> profile cosine, and its bound (0 when exact).
+        selected: the modules the profile cosines select.
+        threshold: threshold mode's T; None in number mode (the K lowest).
+        num_layers: K in number mode: ties at the cut beyond K are uncertain too.
+    Returns:
+        Empty when every exact cosine is provably on the same side of the cut: the selection
+        with exact cosines is then the same.
+    """
+    if threshold is not None:
+        return {
+            m
+            for m, cos in cosines.items()
+            if (cos + bounds[m] > threshold if m in selected else cos - bounds[m] <= threshold)
+        }
+    inside = [m for m in cosines if m in selected]
+    outside = [m for m in cosines if m not in selected]
+    if not inside or not outside:
+        return set()
+    high = max(cosines[m] + bounds[m] for m in inside)
+    low = min(cosines[m] - bounds[m] for m in outside)
+    found = {m for m in inside if cosines[m] + bounds[m] >= low}
+    found |= {m for m in outside if cosines[m] - bounds[m] <= high}
+    if num_layers is not None and len(inside) > num_layers:
+        cut = max(cosines[m] for m in inside)
+        found |= {m for m in inside if cosines[m] == cut and bounds[m] > 0.0}
+    return found

@@ -3,6 +3,7 @@ file with its error class (corrupt 3, newer schema 4, NaN 5, output refused 6)."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -27,14 +28,9 @@ from safelora_cli.errors import (
 )
 from safelora_cli.lowrank import LOWRANK, WHOLE, ZERO, LowRank, RankRule
 from safelora_cli.lowrank_score import score_entry
-from safelora_cli.profile import (
-    SCHEMA_VERSION,
-    check_adapter,
-    describe,
-    load_entry,
-    read_profile,
-)
+from safelora_cli.profile import SCHEMA_VERSION, check_adapter, load_entry, read_profile
 from safelora_cli.profile_build import build_profile, write_profile
+from safelora_cli.profile_summary import describe, provenance
 from tests.test_subspace import factors, with_spectrum
 
 RULE = RankRule(tolerance=0.01, max_rank=8)
@@ -152,6 +148,16 @@ def test_describe_lists_every_weight_and_totals(built: tuple[Path, dict[str, Low
     assert totals["tensor_bytes"] == sum(e.nbytes for e in entries.values())
     assert totals["file_bytes"] == path.stat().st_size
     assert summary["inputs"] == INPUTS
+
+
+def test_provenance_records_the_file_and_its_pair(built: tuple[Path, dict[str, LowRank]]) -> None:
+    path, _ = built
+    record = provenance(read_profile(path))
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (record["pair"], record["schema_version"], record["bytes"]) == (
+        INPUTS, SCHEMA_VERSION, path.stat().st_size,
+    )  # fmt: skip
+    assert record["rank_rule"] == {"rank": None, "tolerance": 0.01, "max_rank": 8}
 
 
 def test_builder_reports_progress_and_copies_reused_buffers() -> None:

@@ -418,3 +418,21 @@ def test_selections_that_differ_are_all_flagged() -> None:
     """Flat spectra at rank 8 of 50: the profile cosines are far off, and every flip is flagged."""
     _, flipped = selection_flags(list(SPECTRA))
     assert flipped
+
+
+@pytest.mark.parametrize(("out", "inp"), [(50, 30), (30, 50)])
+def test_blocked_passes_equal_one_block(
+    out: int, inp: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gram, projections and residuals run over row/column blocks (memory O(block)): blocks of
+    7 elements give what one block gives."""
+    v = with_spectrum(out, inp, power(min(out, inp), 1.0), seed=30).float()
+    whole = entry_of(v, fixed(5))
+    monkeypatch.setattr(lowrank, "BLOCK_ELEMENTS", 7)
+    blocked = entry_of(v, fixed(5))
+    assert blocked.u is not None
+    assert whole.u is not None
+    assert torch.allclose(blocked.u.abs(), whole.u.abs(), atol=1e-5)
+    for key in ("sigma_max", "sigma_next", "tail_energy", "tail"):
+        got, want = getattr(blocked.certificate, key), getattr(whole.certificate, key)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)

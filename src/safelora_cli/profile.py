@@ -12,7 +12,8 @@ A profile is an untrusted input. ``read_profile`` checks the safetensors header
 (``index.read_header``), then the metadata against it, before any tensor is read: malformed →
 CorruptFileError (3), a newer schema → IncompatibleInputError (4). ``load_entry`` reads one weight:
 NaN/Inf → NumericalError (5), bytes not matching their checksum → CorruptFileError (3).
-Writing and building are in ``safelora_cli.profile_build``.
+Building and writing are in ``safelora_cli.profile_build``; the summary ``inspect`` shows and the
+report's record are in ``safelora_cli.profile_summary``.
 """
 
 from __future__ import annotations
@@ -342,42 +343,3 @@ def check_adapter(
 
 def _first(items: list[str], sep: str = ", ") -> str:
     return sep.join(items[:_SHOW]) + (f"{sep}..." if len(items) > _SHOW else "")
-
-
-def describe(profile: ProfileInfo) -> dict[str, Any]:
-    """A JSON-ready summary: per weight k, captured energy, error bounds and bytes; totals."""
-    infos = list(profile.weights.values())
-    rows = [
-        {
-            "weight": info.name,
-            "shape": list(info.shape),
-            "kind": info.kind,
-            "rank": info.rank,
-            "method": info.method,
-            "captured_energy": info.captured_energy,
-            "relative_error": info.certificate.relative_error,
-            "error_bound": info.certificate.operator_bound / info.v_norm if info.v_norm else 0.0,
-            "bytes": profile.tensor_bytes(info.name),
-        }
-        for info in infos
-    ]
-    kinds = [info.kind for info in infos]
-    totals = {
-        "weights": len(infos),
-        **{kind: kinds.count(kind) for kind in SUFFIXES},
-        "max_rank": max((i.rank for i in infos if i.kind == LOWRANK), default=0),
-        "max_relative_error": max((i.certificate.relative_error for i in infos), default=0.0),
-        "tensor_bytes": sum(profile.tensor_bytes(i.name) for i in infos),
-        "file_bytes": profile.header.size,
-    }
-    rule = profile.rule
-    return {
-        "path": str(profile.path),
-        "format": FORMAT,
-        "schema_version": profile.schema_version,
-        "tool": profile.tool,
-        "inputs": profile.inputs,
-        "rank_rule": {"rank": rule.rank, "tolerance": rule.tolerance, "max_rank": rule.max_rank},
-        "weights": rows,
-        "totals": totals,
-    }

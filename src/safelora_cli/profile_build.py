@@ -28,6 +28,7 @@ from safelora_cli import __version__
 from safelora_cli.errors import FilesystemError, NumericalError
 from safelora_cli.lowrank import AUTO, LowRank, RankRule, decompose
 from safelora_cli.profile import CERTIFICATE_FIELDS, FORMAT, SCHEMA_VERSION, tensor_sha256
+from safelora_cli.profile_summary import rule_json
 
 ProgressFn = Callable[[int, int | None, str], None]
 """Called as ``progress(done, total, weight)`` after each weight; total is None when unknown."""
@@ -132,7 +133,7 @@ def write_profile(
     body = {
         "tool": {"name": "safelora", "version": __version__},
         "inputs": dict(inputs),
-        "rank_rule": {"rank": rule.rank, "tolerance": rule.tolerance, "max_rank": rule.max_rank},
+        "rank_rule": rule_json(rule),
         "weights": weights,
     }
     metadata = {

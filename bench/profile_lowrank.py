@@ -10,8 +10,9 @@ the V's are made in memory, as ``safelora_cli.synthetic`` makes a pair, in two f
 - ``slow``: the same, but the update has σ_i ∝ i^-1/2 over every direction (random singular
   vectors): a slowly decaying spectrum, as fine-tuning deltas have, plus the bf16 floor.
 
-Times are wall seconds of ``decompose`` (the min of N runs; torch's intra-op threads as set, see
-the header line), so they exclude reading the weights. Cosine errors compare the profile's paper
+Times are wall and CPU seconds of ``decompose`` (the least of N runs; torch's intra-op threads as
+set, see the header line), so they exclude reading the weights; each row records the load average,
+as other processes on the machine inflate both. Cosine errors compare the profile's paper
 cosine with the model-pair one (``projection.score_module`` on the same V) for rank-16 adapters
 whose lora_B leans towards span(V) by 0..1 (as ``synthetic.make_adapter``), next to the bound.
 """
@@ -61,15 +62,19 @@ def make_v(shape: tuple[int, int], flavour: str, seed: int = 0) -> torch.Tensor:
     return (w + delta).bfloat16().float() - w.bfloat16().float()
 
 
-def timed(v: torch.Tensor, rule: RankRule, method: str, repeats: int) -> tuple[LowRank, float]:
+def timed(
+    v: torch.Tensor, rule: RankRule, method: str, repeats: int
+) -> tuple[LowRank, float, float]:
+    """The entry, and the least wall and CPU seconds of ``repeats`` runs."""
     norm = float(v.double().norm())
-    times, entry = [], None
+    walls, cpus, entry = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         entry = decompose(v, norm, rule, method)
-        times.append(time.perf_counter() - start)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
     assert entry is not None
-    return entry, min(times)
+    return entry, min(walls), min(cpus)
 
 
 def adapter(v: torch.Tensor, lean: float, seed: int, r: int = 16) -> tuple[torch.Tensor, ...]:
@@ -108,7 +113,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="2048x2048 and 256x2048 only")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-accuracy", action="store_true", help="times and sizes only")
+    parser.add_argument(
+        "--flavour", choices=["lowrank4", "slow"], action="append", help="default: both"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
     rows: list[dict[str, Any]] = []
@@ -116,19 +128,22 @@ def main() -> None:
     rules = {"rank 32": RankRule(rank=32, tolerance=None),
              **{f"tol {t}": RankRule(tolerance=t) for t in (0.05, 0.02, 0.01, 0.005)}}  # fmt: skip
     with torch.inference_mode():
-        for flavour in ("lowrank4", "slow"):
+        for flavour in args.flavour or ("lowrank4", "slow"):
             for label, shape in shapes.items():
                 v = make_v(shape, flavour)
                 for rule_name, rule in rules.items():
-                    methods = (EXACT, RANDOMIZED, AUTO) if rule_name == "rank 32" else (AUTO,)
+                    methods = (
+                        (EXACT, RANDOMIZED, AUTO) if rule_name == "rank 32" else (RANDOMIZED, AUTO)
+                    )
                     for method in methods:
-                        entry, seconds = timed(v, rule, method, args.repeats)
+                        entry, seconds, cpu = timed(v, rule, method, args.repeats)
                         row = {"v": flavour, "shape": label, "rule": rule_name, "method": method,
                                "used": entry.method, "kind": entry.kind, "k": entry.rank,
-                               "seconds": round(seconds, 3), "bytes": entry.nbytes,
+                               "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+                               "bytes": entry.nbytes, "load": round(os.getloadavg()[0], 2),
                                "relative_error": entry.relative_error,
                                "captured": entry.captured_energy}  # fmt: skip
-                        if method == AUTO:
+                        if method == AUTO and not args.no_accuracy:
                             row.update(accuracy(v, entry, adapters=6))
                         rows.append(row)
                         print(json.dumps(row))

@@ -29,7 +29,8 @@ E = M − M̂. As Q M̂ = M̂ Q = 0, E has three blocks, each measured at build 
 With exact singular vectors f = c = 0, ρ_j = λ_j and t̄ = λ_{k+1} = σ²_{k+1}: the bound of the
 design notes. A randomized Û makes c and f non-zero and t̄ larger; the bound stays true.
 
-Per adapter, Y = B A (out, in), a = ‖P Y‖_F, b = ‖Q Y‖_F (from Z, B, A through r x r Grams).
+Per adapter, Y = B A (out, in), a = ‖P Y‖_F, b = ‖Q Y‖_F, from small Grams: with G = A Aᵀ and
+Γ = ÛᵀÛ, a² = Σ ((ÛᵀB)ᵀ Γ⁻¹ (ÛᵀB)) ∘ G and b² = ‖Y‖²_F − a².
 P E Y = F·P Y + C·Q Y and Q E Y = Cᵀ·P Y + (Q M Q)·Q Y, so
 
     ‖E Y‖_F ≤ β = sqrt((f a + c b)² + (c a + t̄ b)²) ≤ e ‖Y‖_F,  e = ‖[[f, c], [c, t̄]]‖_2,

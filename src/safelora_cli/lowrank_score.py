@@ -62,17 +62,16 @@ def score_entry(
         bound = None if spec.kind == SUBSPACE or score.cosine is None else 0.0
         return replace(score, profile_rank=entry.rank, cosine_bound=bound)
     u, s = _factors(entry, b.device)
-    captured, k = None, None
+    captured, k, bound = None, None, None
     if spec.kind == SUBSPACE:
         k, captured = subspace_rank(entry, spec, module)
         uk = u[:, :k]
         pb = uk @ (uk.T @ b.double())
     else:
-        pb = u @ ((s**2).unsqueeze(1) * (u.T @ b.double())) / entry.v_norm
+        pb, bound = _paper(entry, u, s, a.double(), b.double())
     cosine, ba_norm = factored_cosine(pb, b32, a.float())
     if ba_norm == 0.0:
         return ModuleScore(None, None, entry.v_norm, b_norm, b_norm, 0.0, ZERO_DELTA, k, captured)
-    bound = None if spec.kind == SUBSPACE else paper_cosine_bound(entry, a, b, pb)
     pb32 = pb.float()
     return ModuleScore(
         cosine=cosine,
@@ -125,36 +124,39 @@ def subspace_rank(entry: LowRank, spec: ProjectionSpec, module: str = "") -> tup
     return j, min(1.0, float(cumulative[j - 1]))
 
 
-def paper_cosine_bound(entry: LowRank, a: torch.Tensor, b: torch.Tensor, pb: torch.Tensor) -> float:
-    """A bound on |cos(Ĉ_k B A, B A) − cos(Ĉ B A, B A)| from the entry, A and B alone.
+def _paper(
+    entry: LowRank, u: torch.Tensor, s: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """(Ĉ_k B, the bound on |cosine − exact cosine|), float64; norms through small Grams.
 
     Args:
-        entry: a LOWRANK entry; a: (r, in); b: (out, r); pb: Ĉ_k B, (out, r).
+        u: Û (out, k); s: ŝ (k,); a: A (r, in); b: B (out, r).
     Returns:
-        sqrt(2 − 2 sqrt(1 − δ²)) with δ = β / ‖M̂ B A‖_F (``safelora_cli.lowrank``); 2 when
-        δ ≥ 1 or M̂ B A = 0 (nothing can be said).
+        The bound is sqrt(2 − 2 sqrt(1 − δ²)) with δ = β / ‖M̂ B A‖_F (``safelora_cli.lowrank``);
+        2 when δ ≥ 1 or M̂ B A = 0 (nothing can be said).
     """
-    u, _ = _factors(entry, b.device)
-    z, _ = torch.linalg.qr(u)
-    b64, a64 = b.double(), a.double()
-    gram = a64 @ a64.T
-    inside = z.T @ b64  # Y_P = Z (Zᵀ B) A
-    outside = b64 - z @ inside  # Y_Q = (Q B) A
-    y_p = _weighted_norm(inside, gram)
-    y_q = _weighted_norm(outside, gram)
+    ub = u.T @ b  # Ûᵀ B (k, r)
+    w = (s**2).unsqueeze(1) * ub  # diag(ŝ²) Ûᵀ B: M̂ B = Û w
+    pb = (u @ w).div_(entry.v_norm)
+    gram, gamma = a @ a.T, u.T @ u  # G = A Aᵀ (r, r); Γ = ÛᵀÛ (k, k), I up to rounding
+    y_sq = _weighted(b.T @ b, gram)  # ‖Y‖² with Y = B A
+    inside_sq = _weighted(ub.T @ torch.linalg.solve(gamma, ub), gram)  # ‖P Y‖²
+    mhat_sq = _weighted(w.T @ gamma @ w, gram)  # ‖M̂ Y‖²
+    # ‖Q Y‖² as a difference: allow for its rounding (float64, far below this)
+    y_p = math.sqrt(inside_sq)
+    y_q = math.sqrt(max(0.0, y_sq - inside_sq) + 1e-12 * y_sq)
     cert = entry.certificate
     f, c, t = cert.ritz, cert.cross, cert.tail
     beta = math.hypot(f * y_p + c * y_q, c * y_p + t * y_q)
-    mhat_y = entry.v_norm * _weighted_norm(pb.double(), gram)
-    if mhat_y == 0.0 or beta >= mhat_y:
-        return 2.0
-    delta = beta / mhat_y
-    return math.sqrt(max(0.0, 2.0 - 2.0 * math.sqrt(1.0 - delta * delta)))
+    if mhat_sq <= 0.0 or beta * beta >= mhat_sq:
+        return pb, 2.0
+    delta_sq = beta * beta / mhat_sq
+    return pb, math.sqrt(max(0.0, 2.0 - 2.0 * math.sqrt(1.0 - delta_sq)))
 
 
-def _weighted_norm(x: torch.Tensor, gram: torch.Tensor) -> float:
-    """‖X A‖_F from X (m, r) and G = A Aᵀ."""
-    return math.sqrt(max(0.0, float(((x.T @ x) * gram).sum())))
+def _weighted(xtx: torch.Tensor, gram: torch.Tensor) -> float:
+    """‖X A‖²_F from Xᵀ X (r, r) and G = A Aᵀ (both symmetric)."""
+    return max(0.0, float((xtx * gram).sum()))
 
 
 def uncertain_modules(

@@ -366,6 +366,11 @@ def test_rank_rule_refuses_what_cannot_work(kwargs: dict[str, float | None]) -> 
         RankRule(**kwargs)  # type: ignore[arg-type]
 
 
+def test_an_unknown_method_is_refused() -> None:
+    with pytest.raises(UsageError, match="svd"):
+        decompose(torch.ones(4, 4), 4.0, fixed(1), "svd")
+
+
 def test_zero_v_and_zero_delta_are_skipped() -> None:
     zero = entry_of(torch.zeros(20, 30), fixed(4))
     assert (zero.kind, zero.rank) == (ZERO, 0)

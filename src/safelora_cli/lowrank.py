@@ -192,6 +192,8 @@ def decompose(
         >>> entry = decompose(v, float(v.norm()), RankRule(tolerance=0.01))
         >>> entry.rank, entry.relative_error <= 0.01
     """
+    if method not in (EXACT, RANDOMIZED, AUTO):
+        raise UsageError(f"method {method!r} is not {EXACT!r}, {RANDOMIZED!r} or {AUTO!r}")
     out, inp = v.shape
     if v_norm == 0.0:
         return LowRank((out, inp), 0.0, ZERO, EXACT_CERTIFICATE)
@@ -211,7 +213,8 @@ def decompose(
         entry = _randomized_entry(v, v_norm, lam, eta, k, rule)
         if entry is not None:
             return entry
-    eigh = eigh or torch.linalg.eigh(gram)
+    if eigh is None:
+        eigh = torch.linalg.eigh(gram)
     entry = _entry(v, v_norm, lam, eta, _exact_basis(v, eigh, k), EXACT)
     return entry if _meets(entry, rule) else _whole(v, v_norm, float(lam[0]))
 
@@ -250,7 +253,8 @@ def _next(lam: torch.Tensor, k: int) -> float:
 
 def _whole(v: torch.Tensor, v_norm: float, top: float) -> LowRank:
     certificate = Certificate(math.sqrt(top), 0.0, 0.0, 0.0, 0.0, 0.0)
-    return LowRank(tuple(v.shape), v_norm, WHOLE, certificate, v=v.detach().float().clone())  # type: ignore[arg-type]
+    shape = (int(v.shape[0]), int(v.shape[1]))
+    return LowRank(shape, v_norm, WHOLE, certificate, v=v.detach().float().clone())
 
 
 def _meets(entry: LowRank, rule: RankRule) -> bool:
@@ -343,7 +347,8 @@ def _entry(
     y, s, _ = torch.linalg.svd(_project_rows(v, z), full_matrices=False)
     u, s32 = (z @ y).float(), s.float()
     certificate = certify(v, u, s32, lam, eta)
-    return LowRank(tuple(v.shape), v_norm, LOWRANK, certificate, u, s32, method=how)  # type: ignore[arg-type]
+    shape = (int(v.shape[0]), int(v.shape[1]))
+    return LowRank(shape, v_norm, LOWRANK, certificate, u, s32, method=how)
 
 
 def certify(

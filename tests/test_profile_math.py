@@ -16,7 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safelora_cli import lowrank, projection
+from safelora_cli import certificate, lowrank, projection
+from safelora_cli.certificate import certify
 from safelora_cli.errors import IncompatibleInputError, UsageError
 from safelora_cli.lowrank import (
     EXACT,
@@ -26,7 +27,6 @@ from safelora_cli.lowrank import (
     ZERO,
     LowRank,
     RankRule,
-    certify,
     decompose,
 )
 from safelora_cli.lowrank_score import score_entry, uncertain_modules
@@ -459,7 +459,7 @@ def test_blocked_passes_equal_one_block(
     7 elements give what one block gives."""
     v = with_spectrum(out, inp, power(min(out, inp), 1.0), seed=30).float()
     whole = entry_of(v, fixed(5))
-    monkeypatch.setattr(lowrank, "BLOCK_ELEMENTS", 7)
+    monkeypatch.setattr(certificate, "BLOCK_ELEMENTS", 7)
     blocked = entry_of(v, fixed(5))
     assert blocked.u is not None
     assert whole.u is not None

@@ -5,7 +5,7 @@ Shapes: A = lora_A (r, in), B = lora_B (out, r), the entry's Û (out, k) and ŝ 
     paper:     Ĉ_k B = Û diag(ŝ²) Ûᵀ B / ν, with a bound on |cosine − exact cosine|
     subspace:  U_j U_jᵀ B for j ≤ k (``--rank j``, or the smallest j whose ŝ² reach ``--energy``)
 
-The bound's derivation is in ``safelora_cli.lowrank``. An entry stored whole is scored by
+The bound's derivation is in ``safelora_cli.certificate``. An entry stored whole is scored by
 ``projection.score_module`` on its V, exactly as the model pair would be.
 """
 
@@ -132,7 +132,7 @@ def _paper(
     Args:
         u: Û (out, k); s: ŝ (k,); a: A (r, in); b: B (out, r).
     Returns:
-        The bound is sqrt(2 − 2 sqrt(1 − δ²)) with δ = β / ‖M̂ B A‖_F (``safelora_cli.lowrank``);
+        The bound is sqrt(2 − 2 sqrt(1 − δ²)) with δ = β / ‖M̂ B A‖_F (``safelora_cli.certificate``);
         2 when δ ≥ 1 or M̂ B A = 0 (nothing can be said).
     """
     ub = u.T @ b  # Ûᵀ B (k, r)

@@ -5,8 +5,8 @@ Layout. Tensors ``<weight>.u`` (out, k) and ``<weight>.s`` (k,) float32 for a lo
 ``__metadata__`` (strings only) holds ``format``, ``schema_version`` and ``profile``, a JSON object:
 the tool, the caller's ``inputs`` (refs, hub ids, commits, file sizes), the ``rank_rule``, and per
 weight its shape (the module's (out, in)), ‖V‖_F, kind, k, how Û was found, whether the stored
-weight is (in, out) (Conv1D), the certificate (``safelora_cli.lowrank``), the captured energy and a
-sha256 of each stored tensor.
+weight is (in, out) (Conv1D), the certificate (``safelora_cli.certificate``), the captured energy
+and a sha256 of each stored tensor.
 
 A profile is an untrusted input. ``read_profile`` checks the safetensors header
 (``index.read_header``), then the metadata against it, before any tensor is read: malformed →
@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import torch
 
+from safelora_cli.certificate import Certificate
 from safelora_cli.errors import (
     CorruptFileError,
     IncompatibleInputError,
@@ -42,7 +43,6 @@ from safelora_cli.lowrank import (
     RANDOMIZED,
     WHOLE,
     ZERO,
-    Certificate,
     LowRank,
     RankRule,
 )

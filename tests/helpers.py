@@ -303,3 +303,39 @@ def assert_close_in_dtype(got: torch.Tensor, want: torch.Tensor, dtype: torch.dt
     info = torch.finfo(dtype)
     atol = info.smallest_normal * info.eps + 1e-6 * float(want.abs().max())
     torch.testing.assert_close(got.double(), want, rtol=info.eps, atol=atol)
+
+
+# --- spectra and factors for the subspace and profile tests -----------------------------------
+
+
+def with_spectrum(out: int, inp: int, sigmas: list[float], seed: int = 0) -> torch.Tensor:
+    """A float64 (out, in) matrix with exactly these singular values (random singular vectors)."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(out, len(sigmas), generator=gen, dtype=torch.float64))
+    w, _ = torch.linalg.qr(torch.randn(inp, len(sigmas), generator=gen, dtype=torch.float64))
+    return (u * torch.tensor(sigmas, dtype=torch.float64)) @ w.T
+
+
+def factors(out: int, inp: int, r: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, in), B (out, r)) in float32."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(r, inp, generator=gen), torch.randn(out, r, generator=gen)
+
+
+def dense_k(v: torch.Tensor, energy: float) -> int:
+    """The smallest k whose σ² reach ``energy`` of ‖V‖²_F (float64 SVD)."""
+    s2 = torch.linalg.svdvals(v.double()) ** 2
+    share = torch.cumsum(s2, 0) / s2.sum()
+    return int(torch.nonzero(share >= energy)[0]) + 1
+
+
+def dense_subspace(
+    v: torch.Tensor, b: torch.Tensor, a: torch.Tensor, k: int
+) -> tuple[torch.Tensor, float, float]:
+    """(P B, cos(P B A, B A), captured energy) with P = U_k U_kᵀ built densely in float64."""
+    v64, b64, a64 = v.double(), b.double(), a.double()
+    u, s, _ = torch.linalg.svd(v64, full_matrices=False)
+    p = u[:, :k] @ u[:, :k].T  # (out, out)
+    pb = p @ b64
+    cosine = torch.nn.functional.cosine_similarity((pb @ a64).flatten(), (b64 @ a64).flatten(), 0)
+    return pb, float(cosine), float((s[:k] ** 2).sum() / (s**2).sum())

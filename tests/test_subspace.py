@@ -34,10 +34,14 @@ from tests.helpers import (
     REPORT,
     WEIGHTS,
     Cli,
+    dense_k,
+    dense_subspace,
     expect_error,
+    factors,
     lora_key,
     read_tensors,
     rel_err,
+    with_spectrum,
 )
 
 SUBSPACE = Projection.SUBSPACE
@@ -45,39 +49,6 @@ TOL = 1e-4
 
 
 # --- the dense float64 reference ---------------------------------------------------------------
-
-
-def with_spectrum(out: int, inp: int, sigmas: list[float], seed: int = 0) -> torch.Tensor:
-    """A float64 (out, in) matrix with exactly these singular values (random singular vectors)."""
-    gen = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(out, len(sigmas), generator=gen, dtype=torch.float64))
-    w, _ = torch.linalg.qr(torch.randn(inp, len(sigmas), generator=gen, dtype=torch.float64))
-    return (u * torch.tensor(sigmas, dtype=torch.float64)) @ w.T
-
-
-def factors(out: int, inp: int, r: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (r, in), B (out, r)) in float32."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(r, inp, generator=gen), torch.randn(out, r, generator=gen)
-
-
-def dense_k(v: torch.Tensor, energy: float) -> int:
-    """The smallest k whose σ² reach ``energy`` of ‖V‖²_F (float64 SVD)."""
-    s2 = torch.linalg.svdvals(v.double()) ** 2
-    share = torch.cumsum(s2, 0) / s2.sum()
-    return int(torch.nonzero(share >= energy)[0]) + 1
-
-
-def dense_subspace(
-    v: torch.Tensor, b: torch.Tensor, a: torch.Tensor, k: int
-) -> tuple[torch.Tensor, float, float]:
-    """(P B, cos(P B A, B A), captured energy) with P = U_k U_kᵀ built densely in float64."""
-    v64, b64, a64 = v.double(), b.double(), a.double()
-    u, s, _ = torch.linalg.svd(v64, full_matrices=False)
-    p = u[:, :k] @ u[:, :k].T  # (out, out)
-    pb = p @ b64
-    cosine = torch.nn.functional.cosine_similarity((pb @ a64).flatten(), (b64 @ a64).flatten(), 0)
-    return pb, float(cosine), float((s[:k] ** 2).sum() / (s**2).sum())
 
 
 def check_against_dense(

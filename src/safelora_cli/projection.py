@@ -48,6 +48,8 @@ class ModuleScore:
     skipped: str | None = None
     subspace_rank: int | None = None
     captured_energy: float | None = None
+    profile_rank: int | None = None  # k of the profile entry (min(out, in) when stored whole)
+    cosine_bound: float | None = None  # |cosine − exact cosine| ≤ this (paper mode, profile)
 
 
 def alignment_matrix(

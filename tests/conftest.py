@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import constants
 from hypothesis import settings
 from typer.testing import Result
 
@@ -97,3 +98,18 @@ def trio(make_trio: TrioFactory) -> Trio:
 def cli() -> Callable[..., Result]:
     """Run the CLI in-process; ``result.stdout`` and ``result.stderr`` are separate."""
     return invoke
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An offline hub cache under tmp_path; the working directory holds no ``org/`` folder."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return cache

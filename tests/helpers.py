@@ -7,6 +7,7 @@ Imported by the test modules (never redefined there); constants come from the pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -339,3 +340,25 @@ def dense_subspace(
     pb = p @ b64
     cosine = torch.nn.functional.cosine_similarity((pb @ a64).flatten(), (b64 @ a64).flatten(), 0)
     return pb, float(cosine), float((s[:k] ** 2).sum() / (s**2).sum())
+
+
+# --- a Hugging Face hub cache, built by hand (offline) -------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def cache_repo(hub: Path, repo: str, folder: Path, commit: str = COMMIT, ref: str = "main") -> Path:
+    """Put ``folder``'s files in the hub cache as ``repo`` at ``commit``, ``ref`` pointing there."""
+    storage = hub / ("models--" + repo.replace("/", "--"))
+    snapshot = storage / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (storage / "blobs").mkdir(exist_ok=True)
+    for src in sorted(folder.iterdir()):
+        data = src.read_bytes()
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / src.name).symlink_to(Path("../../blobs") / blob.name)
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / ref).write_text(commit)
+    return snapshot

@@ -159,7 +159,8 @@ def test_read_config_accepts_every_run_key(tmp_path: Path) -> None:
         tmp_path / "run.toml",
         'preset = "p"\nbase = "b"\naligned = "a"\nrevision = "main"\nselect = "threshold"\n'
         'num-layers = 4\nthreshold = 1\nprojection = "subspace"\nrank = 8\nenergy = 0.5\n'
-        'device = "cpu"\nadapter_name = "default"\ntargets = ["q_proj", "v_proj"]\n',
+        'device = "cpu"\nadapter_name = "default"\ntargets = ["q_proj", "v_proj"]\n'
+        'profile = "p.safetensors"\n',
     )
     options = read_config(path)
     assert options.keys() == config.RUN_KEYS

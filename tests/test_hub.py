@@ -9,7 +9,6 @@ bad revision, server error) are raised by a stand-in for ``snapshot_download``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,46 +16,11 @@ from typing import Any
 
 import httpx2
 import pytest
-from huggingface_hub import constants
 from huggingface_hub import errors as hub_errors
 
 from safelora_cli.errors import ExitCode
 from tests.conftest import Trio
-from tests.helpers import REPORT, Cli, expect_error, expect_ok
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
-
-
-def cache_repo(hub: Path, repo: str, folder: Path, commit: str = COMMIT, ref: str = "main") -> Path:
-    """Put ``folder``'s files in the hub cache as ``repo`` at ``commit``, ``ref`` pointing there."""
-    storage = hub / ("models--" + repo.replace("/", "--"))
-    snapshot = storage / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (storage / "blobs").mkdir(exist_ok=True)
-    for src in sorted(folder.iterdir()):
-        data = src.read_bytes()
-        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / src.name).symlink_to(Path("../../blobs") / blob.name)
-    (storage / "refs").mkdir(exist_ok=True)
-    (storage / "refs" / ref).write_text(commit)
-    return snapshot
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An offline hub cache under tmp_path; the working directory holds no ``org/`` folder."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return cache
+from tests.helpers import COMMIT, OTHER_COMMIT, REPORT, Cli, cache_repo, expect_error, expect_ok
 
 
 def hub_args(trio: Trio, output: Path, base: str, aligned: str, *extra: str) -> list[str]:

@@ -114,7 +114,9 @@ def test_flags_and_run_files_give_the_same_settings(tmp_path: Path) -> None:
 
     captured: list[Settings] = []
 
-    def fake_score_many(adapters: Any, base: Any, aligned: Any, settings: Settings, *a: Any) -> Any:
+    def fake_score_many(
+        adapters: Any, base: Any, aligned: Any, settings: Settings, *a: Any, **kw: Any
+    ) -> Any:
         captured.append(settings)
         raise UsageError("stop here")
 

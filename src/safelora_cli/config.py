@@ -71,13 +71,15 @@ class Preset:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A run's merged options: the model pair, the settings, and the preset they came from."""
+    """A run's merged options: the model pair (or the profile standing in for it), the
+    settings, and the preset they came from."""
 
-    base: str
-    aligned: str
+    base: str | None
+    aligned: str | None
     settings: Settings
     revision: str | None = None
     preset: str | None = None
+    profile: str | None = None
 
 
 def check_table(table: Mapping[str, Any], allowed: Iterable[str], where: str) -> dict[str, Any]:
@@ -241,12 +243,22 @@ def resolve_run(
         preset = find_preset(name, load_presets() if presets is None else presets, where)
         preset_layer = preset.layer()
     merged = merge_layers(preset_layer, file_layer, given)
+    settings = Settings(**{key: merged[key] for key in SETTING_KEYS if key in merged})
+    revision = merged.get("revision")
+    profile = merged.get("profile")
+    if profile is not None:
+        explicit = [f"--{key}" for key in ("base", "aligned") if key in given or key in file_layer]
+        if explicit:  # a preset's pair gives way to the profile; a pair given outright is a clash
+            raise UsageError(
+                f"--profile and {' and '.join(explicit)} both given",
+                "a profile stands in for the model pair: give one or the other",
+            )
+        return RunConfig(None, None, settings, revision, name, profile)
     missing = [f"--{key}" for key in ("base", "aligned") if key not in merged]
     if missing:
         raise UsageError(
             f"no {' and no '.join(missing)} given",
-            "pass the models, a --preset NAME (`safelora presets` lists them), "
+            "pass the models, a --profile FILE, a --preset NAME (`safelora presets` lists them), "
             "or base/aligned in a --config file",
         )
-    settings = Settings(**{key: merged[key] for key in SETTING_KEYS if key in merged})
-    return RunConfig(merged["base"], merged["aligned"], settings, merged.get("revision"), name)
+    return RunConfig(merged["base"], merged["aligned"], settings, revision, name)

@@ -32,7 +32,9 @@ def shown(text: Any) -> str:
 
 
 @contextmanager
-def progress_bar(console: Console, quiet: bool) -> Iterator[ProgressFn | None]:
+def progress_bar(
+    console: Console, quiet: bool, label: str = "scoring"
+) -> Iterator[ProgressFn | None]:
     """A transient progress bar over the bytes of weights read: speed and time left; None when
     quiet or not on a terminal."""
     if quiet or not console.is_terminal:  # off a terminal, rich would only add a blank line
@@ -48,7 +50,7 @@ def progress_bar(console: Console, quiet: bool) -> Iterator[ProgressFn | None]:
     )
 
     with Progress(
-        TextColumn("[bold]scoring"),
+        TextColumn(f"[bold]{label}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
@@ -275,5 +277,37 @@ def changed_table(console: Console, info: dict[str, Any]) -> None:
             _num(tensor["d_norm"]),
             _num(tensor["relative"]),
             "yes" if tensor["targeted"] else "",
+        )
+    console.print(table)
+
+
+def profile_table(console: Console, summary: dict[str, Any]) -> None:
+    """A profile's weights: stored rank, captured energy, error bound and bytes, with totals."""
+    totals, rule = summary["totals"], summary["rank_rule"]
+    how = (
+        f"rank {rule['rank']}"
+        if rule["rank"] is not None
+        else (f"tolerance {rule['tolerance']:g} up to rank {rule['max_rank']}")
+    )
+    table = Table(
+        title=f"safelora profile: {shown(summary['path'])} ({how})",
+        caption=(
+            f"{totals['weights']} weights: {totals['lowrank']} low-rank (max rank "
+            f"{totals['max_rank']}), {totals['whole']} stored whole, {totals['zero']} with V = 0; "
+            f"{totals['file_bytes'] / 1e6:.1f} MB; largest relative error "
+            f"{totals['max_relative_error']:.3g}"
+        ),
+    )
+    table.add_column("weight", no_wrap=True)
+    for column in ("shape", "k", "energy", "error bound", "MB"):
+        table.add_column(column, justify="right")
+    for row in summary["weights"]:
+        table.add_row(
+            shown(row["weight"]),
+            " × ".join(map(str, row["shape"])),
+            "whole" if row["kind"] == "whole" else str(row["rank"]),
+            f"{row['captured_energy']:.4f}",
+            f"{row['error_bound']:.3g}",
+            f"{row['bytes'] / 1e6:.2f}",
         )
     console.print(table)

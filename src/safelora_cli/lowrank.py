@@ -33,6 +33,7 @@ from safelora_cli.certificate import (
 )
 from safelora_cli.errors import UsageError
 from safelora_cli.projection import EXACT_SVD_MAX_DIM, _top_singular
+from safelora_cli.settings import PROFILE_MAX_RANK, PROFILE_TOLERANCE
 
 LOWRANK = "lowrank"  # Û and ŝ stored
 WHOLE = "whole"  # V itself stored: exact
@@ -40,8 +41,8 @@ ZERO = "zero"  # V = 0: nothing stored
 EXACT = "exact"
 RANDOMIZED = "randomized"
 AUTO = "auto"
-DEFAULT_MAX_RANK = 256
-DEFAULT_TOLERANCE = 0.01
+DEFAULT_MAX_RANK = PROFILE_MAX_RANK
+DEFAULT_TOLERANCE = PROFILE_TOLERANCE
 # A randomized Û is kept only when its certified tail is within this factor of the ideal σ²_{k+1};
 # otherwise the exact eigendecomposition is computed instead.
 RANDOMIZED_SLACK = 1.25

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from safelora_cli.job import Job
+from safelora_cli.job import AdapterJob, Job
 from safelora_cli.loader import TensorReader
 from safelora_cli.merge import merged_tensors
 from safelora_cli.merge_plan import plan_merge
@@ -29,6 +29,7 @@ def write_merged(
     """Write the merged model of one scored adapter into ``out`` (shards only; the caller copies
     the aligned model's sidecar files)."""
     adapter = scored.job
+    assert isinstance(adapter, AdapterJob)  # scored against the model pair, not a profile
     config_path = job.aligned_input.path / MODEL_CONFIG
     config = load_json(config_path, "model config") if config_path.exists() else {}
     tied = config.get("tie_word_embeddings")

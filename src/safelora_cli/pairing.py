@@ -50,6 +50,11 @@ class ModulePair:
         return self.lora.module
 
     @property
+    def weight(self) -> str:
+        """The base weight's name (``<module>.weight``, or the embedding's for a tied head)."""
+        return self.base.name
+
+    @property
     def shape(self) -> tuple[int, int]:
         """(out, in) of the module, as lora_B @ lora_A."""
         return (self.lora.b.shape[0], self.lora.a.shape[1])

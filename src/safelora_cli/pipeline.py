@@ -2,14 +2,15 @@
 resolve -> index -> pair) -> score (``scoring.py``: stream -> project -> select -> report) ->
 write (``writer.py``), in one direction.
 
-An input is a LoRA adapter folder, or a full fine-tune (a model folder: ``config.json`` and
-safetensors weights, no ``adapter_config.json``), which ``finetune.py`` takes through the same
-steps. ``merge`` writes an adapter as the full model it makes (``merging.py``).
+What is scored: LoRA adapters against the model pair, or against an alignment profile standing in
+for it (``profiled.py``); or one full fine-tune (a model folder: ``config.json`` and safetensors,
+no ``adapter_config.json``), which ``finetune.py`` takes through the same steps. ``merge`` writes
+an adapter as the full model it makes (``merging.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,9 @@ from safelora_cli.errors import SafeLoraError, UsageError
 from safelora_cli.job import FULL, Job, PathLike, input_kind, prepare
 from safelora_cli.merging import write_merged
 from safelora_cli.notices import Notices, NotifyFn
+from safelora_cli.profiled import prepare_profiled, profiled_report, score_profiled
 from safelora_cli.resolve import ResolvedInput
-from safelora_cli.scoring import (
-    ProgressFn,
-    Scored,
-    build_report,
-    resolve_device,
-    score_job,
-)
+from safelora_cli.scoring import ProgressFn, Scored, build_report, resolve_device, score_job
 from safelora_cli.settings import Settings
 from safelora_cli.writer import (
     OutputFolder,
@@ -52,6 +48,58 @@ class Result:
     output: Path | None
 
 
+@dataclass(frozen=True)
+class _Adapters:
+    """Adapters prepared against their source of V (model pair or profile): how to score them
+    and report on them; ``job`` is the model-pair job (None through a profile)."""
+
+    notices: Notices
+    local_inputs: list[Path]
+    adapter_paths: list[Path]
+    score: Callable[[torch.device, ProgressFn | None], list[Scored]]
+    report: Callable[[Scored, torch.device, Path | None], dict[str, Any]]
+    job: Job | None
+
+
+def _prepare(
+    adapters: Sequence[PathLike],
+    base: PathLike | None,
+    aligned: PathLike | None,
+    profile: PathLike | None,
+    settings: Settings,
+    revision: str | None,
+    notify: NotifyFn | None,
+) -> _Adapters:
+    if profile is not None:
+        if base is not None or aligned is not None:
+            raise UsageError("give --profile or --base/--aligned, not both")
+        run = prepare_profiled(adapters, profile, settings, revision, notify)
+        return _Adapters(
+            run.notices,
+            run.local_inputs(),
+            [a.input.path for a in run.adapters],
+            lambda device, progress: score_profiled(run, device, progress),
+            lambda scored, device, output: profiled_report(run, scored, device, output),
+            None,
+        )
+    job = prepare(adapters, _given(base, "--base"), _given(aligned, "--aligned"), settings,
+                  revision, notify)  # fmt: skip
+    return _Adapters(
+        job.notices,
+        job.local_inputs(),
+        [a.input.path for a in job.adapters],
+        lambda device, progress: score_job(job, device, progress),
+        lambda scored, device, output: build_report(job, scored, device, output),
+        job,
+    )
+
+
+def _given(ref: PathLike | None, flag: str) -> PathLike:
+    if ref is None:
+        raise UsageError(f"no {flag} given", "give the model pair, or a --profile")
+    return ref
+
+
 def _full_fine_tune(inputs: Sequence[PathLike], settings: Settings) -> bool:
     """Whether the run is on a full fine-tune (a local model folder) rather than adapters."""
     full = [Path(ref).is_dir() and input_kind(Path(ref)) == FULL for ref in inputs]
@@ -65,28 +113,64 @@ def _full_fine_tune(inputs: Sequence[PathLike], settings: Settings) -> bool:
     return any(full)
 
 
+def _full_job(
+    model: PathLike,
+    base: PathLike | None,
+    aligned: PathLike | None,
+    profile: PathLike | None,
+    settings: Settings,
+    revision: str | None,
+    notify: NotifyFn | None,
+) -> finetune.FullJob:
+    if profile is not None:
+        raise UsageError(
+            "a full fine-tune needs the models: D = W_ft − W_aligned reads the aligned weights",
+            "give --base and --aligned instead of --profile",
+        )
+    return finetune.prepare_full(
+        model, _given(base, "--base"), _given(aligned, "--aligned"), settings, revision, notify
+    )
+
+
 def score_many(
     adapters: Sequence[PathLike],
-    base: PathLike,
-    aligned: PathLike,
+    base: PathLike | None,
+    aligned: PathLike | None,
     settings: Settings = Settings(),
     revision: str | None = None,
     progress: ProgressFn | None = None,
     notify: NotifyFn | None = None,
+    *,
+    profile: PathLike | None = None,
 ) -> list[Result]:
-    """Score several adapters against one model pair (each weight read once), or one full
-    fine-tune; writes nothing."""
+    """Score several adapters against one model pair (each weight read once) or a profile, or
+    one full fine-tune; writes nothing. See ``patch`` for the arguments."""
+    device = resolve_device(settings.device)
     if _full_fine_tune(adapters, settings):
-        full = finetune.prepare_full(adapters[0], base, aligned, settings, revision, notify)
-        device = resolve_device(settings.device)
+        full = _full_job(adapters[0], base, aligned, profile, settings, revision, notify)
         scored_full = finetune.score_full(full, device, progress)
         return [Result(finetune.full_report(full, scored_full, device, None), None)]
-    job = prepare(adapters, base, aligned, settings, revision, notify)
-    device = resolve_device(settings.device)
+    run = _prepare(adapters, base, aligned, profile, settings, revision, notify)
     return [
-        Result(build_report(job, scored, device, None), None)
-        for scored in score_job(job, device, progress)
+        Result(run.report(scored, device, None), None) for scored in run.score(device, progress)
     ]
+
+
+def score(
+    adapter: PathLike,
+    base: PathLike | None,
+    aligned: PathLike | None,
+    settings: Settings = Settings(),
+    revision: str | None = None,
+    progress: ProgressFn | None = None,
+    notify: NotifyFn | None = None,
+    *,
+    profile: PathLike | None = None,
+) -> Result:
+    """Score one adapter (or full fine-tune) without writing anything. See ``patch``."""
+    [result] = score_many([adapter], base, aligned, settings, revision, progress, notify,
+                          profile=profile)  # fmt: skip
+    return result
 
 
 def batch_outputs(adapters: Sequence[Path], output_dir: Path) -> list[Path]:
@@ -131,7 +215,7 @@ def _finish(
 
 
 def _stage(
-    job: Job,
+    run: _Adapters,
     scored: Scored,
     out: OutputFolder,
     report: dict[str, Any],
@@ -143,17 +227,18 @@ def _stage(
     """Write one patched adapter (or, with ``merge``, the model it makes), its model card and
     its report into the output being staged."""
     adapter = scored.job
-    notices = job.notices.scoped(str(adapter.input.path))
+    notices = run.notices.scoped(str(adapter.input.path))
     if merge:
-        write_merged(job, scored, out, device, notices)
-        aligned = job.aligned_input
+        assert run.job is not None  # _check_merge
+        write_merged(run.job, scored, out, device, notices)
+        aligned = run.job.aligned_input
         out.copy_files(aligned.path, aligned.trusted_root, notices, CARD_SKIP, model=True)
     else:
         replaced = scored.replaced_factors()
         inside = adapter.input.trusted_root
         write_adapter(out, adapter.adapter, replaced, inside, notices, CARD_SKIP)
-    _finish(out, report, notices, adapter.input, "merged" if merge else "adapter", report_file,
-            command)  # fmt: skip
+    kind = "merged" if merge else "adapter"
+    _finish(out, report, notices, adapter.input, kind, report_file, command)
 
 
 def _publish_all(folders: list[OutputFolder]) -> None:
@@ -170,10 +255,24 @@ def _publish_all(folders: list[OutputFolder]) -> None:
             raise
 
 
+def _check_merge(run: _Adapters, merge: bool) -> None:
+    if merge and run.job is None:
+        raise UsageError(
+            "--merge needs the aligned model's weights; a profile holds none",
+            "give --base and --aligned instead of --profile",
+        )
+
+
+def _check_outputs(output: Path, report_file: Path | None, inputs: list[Path], force: bool) -> None:
+    check_output(output, inputs, force)
+    if report_file is not None:
+        check_report_path(report_file, inputs, output, force)
+
+
 def patch_many(
     adapters: Sequence[PathLike],
-    base: PathLike,
-    aligned: PathLike,
+    base: PathLike | None,
+    aligned: PathLike | None,
     output_dir: PathLike,
     settings: Settings = Settings(),
     *,
@@ -183,35 +282,38 @@ def patch_many(
     notify: NotifyFn | None = None,
     command: Sequence[str] | None = None,
     merge: bool = False,
+    profile: PathLike | None = None,
 ) -> list[Result]:
-    """Patch several adapters in one pass over the model pair.
+    """Patch several adapters in one pass over the model pair (or the profile).
 
     Each patched adapter (with ``merge``: the model it makes) goes to
-    ``output_dir/<adapter folder name>`` with its own report. Every
-    output is staged before any is published: a failure while writing (disk full, an unreadable
-    input) publishes none. Publishing is then one rename each; if one fails (another run wrote
-    there meanwhile), the error says which were published and which were not.
+    ``output_dir/<adapter folder name>`` with its own report. Every output is staged before any
+    is published: a failure while writing (disk full, an unreadable input) publishes none.
+    Publishing is then one rename each; if one fails (another run wrote there meanwhile), the
+    error says which were published and which were not.
     """
     if _full_fine_tune(adapters, settings):
         raise UsageError("a full fine-tune is patched alone", "give one FT_MODEL")
-    job = prepare(adapters, base, aligned, settings, revision, notify)
+    run = _prepare(adapters, base, aligned, profile, settings, revision, notify)
+    _check_merge(run, merge)
     output_dir = Path(output_dir)
-    outputs = batch_outputs([a.input.path for a in job.adapters], output_dir)
-    check_output(output_dir, job.local_inputs(), force=True)  # the parent: may hold other files
+    inputs = run.local_inputs
+    outputs = batch_outputs(run.adapter_paths, output_dir)
+    check_output(output_dir, inputs, force=True)  # the parent: may hold other files
     created = not output_dir.exists()
     if not created:
         for output in outputs:
-            check_output(output, job.local_inputs(), force)
+            check_output(output, inputs, force)
     device = resolve_device(settings.device)
-    scored = score_job(job, device, progress)
+    scored = run.score(device, progress)
     output_dir.mkdir(exist_ok=True)
     folders = [OutputFolder(output, force=force) for output in outputs]
     results = []
     try:
         for adapter_scored, folder in zip(scored, folders, strict=True):
-            report = build_report(job, adapter_scored, device, folder.target)
+            report = run.report(adapter_scored, device, folder.target)
             folder.open()
-            _stage(job, adapter_scored, folder, report, None, command, device, merge)
+            _stage(run, adapter_scored, folder, report, None, command, device, merge)
             results.append(Result(report, folder.target))
     except BaseException as exc:
         for folder in folders:
@@ -227,8 +329,8 @@ def patch_many(
 
 def patch(
     adapter: PathLike,
-    base: PathLike,
-    aligned: PathLike,
+    base: PathLike | None,
+    aligned: PathLike | None,
     output: PathLike,
     settings: Settings = Settings(),
     *,
@@ -239,35 +341,39 @@ def patch(
     notify: NotifyFn | None = None,
     command: Sequence[str] | None = None,
     merge: bool = False,
+    profile: PathLike | None = None,
 ) -> Result:
     """Patch one adapter: project the selected modules' lora_B and write a new adapter folder;
     or a full fine-tune: W_aligned + P D for its selected weights, written as a model folder.
 
     Args:
         adapter: the adapter folder, or a full fine-tune's model folder.
-        base, aligned: the base model and its aligned sibling (folder or ``org/name[@rev]``).
+        base, aligned: the base model and its aligned sibling (folder or ``org/name[@rev]``);
+            None with ``profile``.
         output: the new folder; refused if it exists and is not empty, unless ``force``.
-        settings: selection, projection and device.
+        settings: selection, projection, device (and ``targets`` for a full fine-tune).
         force: replace safelora's files in an existing output folder (others are kept).
         report_path: where to write the report (default ``output/safelora_report.json``).
-        revision: hub revision for base and aligned.
-        progress: called after each weight.
+        revision: hub revision for base and aligned (and the profile).
+        progress: called as ``progress(bytes_done, bytes_total, weight)``.
         notify: called with each notice (also listed in the report's ``warnings``).
         command: the command line, for the model card (the output's README.md).
         merge: write the adapter as the full model it makes (W_aligned + s · B' A).
+        profile: an alignment profile (file or hub id) instead of the model pair.
     Returns:
         The report and the output folder.
     Example:
         >>> patch("my-lora", "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf",
         ...       "my-lora-safe")
+        >>> patch("my-lora", None, None, "my-lora-safe", profile="llama2.safetensors")
     """
     output = Path(output)
     report_file = Path(report_path) if report_path is not None else None
+    device = resolve_device(settings.device)
     if _full_fine_tune([adapter], settings):
         finetune.check_full_settings(settings, merge)
-        full = finetune.prepare_full(adapter, base, aligned, settings, revision, notify)
+        full = _full_job(adapter, base, aligned, profile, settings, revision, notify)
         _check_outputs(output, report_file, full.local_inputs(), force)
-        device = resolve_device(settings.device)
         scored_full = finetune.score_full(full, device, progress)
         report = finetune.full_report(full, scored_full, device, output)
         with OutputFolder(output, force=force) as out:
@@ -276,31 +382,11 @@ def patch(
             out.copy_files(model.path, model.trusted_root, full.notices, CARD_SKIP, model=True)
             _finish(out, report, full.notices, model, finetune.KIND, report_file, command)
         return Result(report, output)
-    job = prepare([adapter], base, aligned, settings, revision, notify)
-    _check_outputs(output, report_file, job.local_inputs(), force)
-    device = resolve_device(settings.device)
-    [scored] = score_job(job, device, progress)
-    report = build_report(job, scored, device, output)
+    run = _prepare([adapter], base, aligned, profile, settings, revision, notify)
+    _check_merge(run, merge)
+    _check_outputs(output, report_file, run.local_inputs, force)
+    [scored] = run.score(device, progress)
+    report = run.report(scored, device, output)
     with OutputFolder(output, force=force) as out:
-        _stage(job, scored, out, report, report_file, command, device, merge)
+        _stage(run, scored, out, report, report_file, command, device, merge)
     return Result(report, output)
-
-
-def _check_outputs(output: Path, report_file: Path | None, inputs: list[Path], force: bool) -> None:
-    check_output(output, inputs, force)
-    if report_file is not None:
-        check_report_path(report_file, inputs, output, force)
-
-
-def score(
-    adapter: PathLike,
-    base: PathLike,
-    aligned: PathLike,
-    settings: Settings = Settings(),
-    revision: str | None = None,
-    progress: ProgressFn | None = None,
-    notify: NotifyFn | None = None,
-) -> Result:
-    """Score one adapter without writing anything. See ``patch`` for the arguments."""
-    [result] = score_many([adapter], base, aligned, settings, revision, progress, notify)
-    return result

@@ -57,6 +57,9 @@ class ModuleRecord:
     transposed: bool = False
     subspace_rank: int | None = None
     captured_energy: float | None = None
+    profile_rank: int | None = None
+    cosine_bound: float | None = None
+    uncertain: bool = False  # a profile's bound leaves the selection open
 
 
 class Score(Protocol):
@@ -86,6 +89,12 @@ class Score(Protocol):
     @property
     def captured_energy(self) -> float | None: ...
 
+    @property
+    def profile_rank(self) -> int | None: ...
+
+    @property
+    def cosine_bound(self) -> float | None: ...
+
 
 def record(
     score: Score,
@@ -96,6 +105,7 @@ def record(
     rank: int | None,
     tied: bool = False,
     transposed: bool = False,
+    uncertain: bool = False,
 ) -> ModuleRecord:
     """A module's record from its score and where it is."""
     return ModuleRecord(
@@ -113,6 +123,9 @@ def record(
         transposed=transposed,
         subspace_rank=score.subspace_rank,
         captured_energy=score.captured_energy,
+        profile_rank=score.profile_rank,
+        cosine_bound=score.cosine_bound,
+        uncertain=uncertain,
     )
 
 
@@ -138,6 +151,10 @@ def module_entry(record: ModuleRecord, projected: bool) -> dict[str, Any]:
     if record.subspace_rank is not None:
         entry["subspace_rank"] = record.subspace_rank
         entry["captured_energy"] = record.captured_energy
+    if record.profile_rank is not None:  # scored through a profile
+        entry["profile_rank"] = record.profile_rank
+        entry["cosine_bound"] = record.cosine_bound
+        entry["uncertain"] = record.uncertain
     return entry
 
 
@@ -184,6 +201,11 @@ def build(
             "skipped": sum(m["skipped"] is not None for m in modules),
             "threshold_used": threshold_used,
             "mean_pdst": sum(pdsts) / len(pdsts) if pdsts else None,
+            **(
+                {"uncertain": sum(m["uncertain"] for m in modules)}
+                if any("uncertain" in m for m in modules)
+                else {}
+            ),  # fmt: skip
         },
         "warnings": warnings,
     }

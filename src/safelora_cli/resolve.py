@@ -110,13 +110,58 @@ def _listing(path: Path) -> dict[str, int]:
     }
 
 
-def _download(repo: str, revision: str | None, role: str) -> str:
+PROFILE_NAME = "safelora_profile.safetensors"
+"""The file a hub repository holds its alignment profile in."""
+
+
+def resolve_profile(
+    ref: str, revision: str | None = None, notices: Notices | None = None
+) -> ResolvedInput:
+    """Resolve ``--profile``: a local file, or a hub id ``org/name[@rev]`` whose repository holds
+    ``PROFILE_NAME`` (only that file is fetched).
+
+    Returns:
+        The input, with ``path`` the profile file itself.
+    Raises:
+        UsageError: a folder, or a path that does not exist and is not a hub id.
+        HubError: as ``resolve``, or the repository has no profile.
+    """
+    local = Path(ref).expanduser()
+    try:
+        if local.is_dir():
+            raise UsageError(f"--profile {ref}: is a folder", "give the profile's file")
+        if local.exists() or ref.startswith((".", "/", "~")) or _HUB_ID.match(ref) is None:
+            if not local.exists():
+                raise UsageError(f"--profile {ref}: no such file, and not a hub id")
+            path = local.resolve()
+            return ResolvedInput(ref, path, files={path.name: path.stat().st_size})
+    except OSError as exc:
+        raise UsageError(f"--profile {ref}: cannot be used as a path ({exc.strerror})") from exc
+    match = _HUB_ID.match(ref)
+    assert match is not None
+    repo, rev = match["repo"], match["rev"] or revision
+    if notices is not None:
+        notices.add("hub-ref", f"--profile {ref}: not a local file; resolved as a hub id", NOTE)
+    folder = Path(_download(repo, rev, "--profile", [PROFILE_NAME]))
+    path = folder / PROFILE_NAME
+    if not path.is_file():
+        raise HubError(
+            f"--profile {ref}: the repository holds no {PROFILE_NAME}",
+            "publish the file `safelora profile` wrote under that name",
+        )
+    commit = folder.name if _COMMIT.fullmatch(folder.name) else None
+    return ResolvedInput(
+        ref, path, repo, rev or "main", {PROFILE_NAME: path.stat().st_size}, commit
+    )
+
+
+def _download(repo: str, revision: str | None, role: str, patterns: list[str] | None = None) -> str:
     from huggingface_hub import errors as hub_errors
     from huggingface_hub import snapshot_download
 
     where = f"{role} {repo}" + (f"@{revision}" if revision else "")
     try:
-        result = snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS)
+        result = snapshot_download(repo, revision=revision, allow_patterns=patterns or HUB_PATTERNS)
     except hub_errors.GatedRepoError as exc:
         raise HubError(
             f"{where}: the repository is gated",

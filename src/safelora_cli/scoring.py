@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,12 +20,19 @@ from safelora_cli.errors import NumericalError, UsageError
 from safelora_cli.index import TensorInfo
 from safelora_cli.job import AdapterJob, Job
 from safelora_cli.loader import TORCH_DTYPES, TensorReader
+from safelora_cli.notices import Notices
 from safelora_cli.pairing import ModulePair
 from safelora_cli.projection import ModuleScore, score_module
 from safelora_cli.provenance import check_scores, refuse
 from safelora_cli.selection import select_modules
+from safelora_cli.settings import Settings
 from safelora_cli.stream import alignment_stream
 from safelora_cli.writer import cast_checked
+
+if TYPE_CHECKING:
+    from safelora_cli.profiled import ProfiledAdapter, ProfiledModule
+
+Record = reporting.ModuleRecord
 
 ProgressFn = Callable[[int, int, str], None]
 """Called as ``progress(bytes_done, bytes_total, weight)`` after each weight is processed: the
@@ -34,12 +41,17 @@ bytes of base and aligned weights read so far, of all there are to read."""
 
 @dataclass(frozen=True)
 class Scored:
-    """One adapter after scoring and selection: what the report and the writer need."""
+    """One adapter after scoring and selection: what the report and the writer need.
 
-    job: AdapterJob
+    ``job`` is the adapter paired against the model pair, or against a profile
+    (``profiled.ProfiledAdapter``); ``uncertain``: modules a profile's bounds leave open.
+    """
+
+    job: AdapterJob | ProfiledAdapter
     scores: dict[str, ModuleScore]
     selected: set[str]
     threshold_used: float | None
+    uncertain: frozenset[str] = frozenset()
 
     def replaced_factors(self) -> dict[str, torch.Tensor]:
         """lora_B tensor name -> projected B in the adapter's dtype, for the selected modules."""
@@ -82,7 +94,7 @@ def _weight_groups(job: Job) -> list[list[tuple[int, ModulePair]]]:
     return sorted(groups.values(), key=lambda group: group[0][1].base.location)
 
 
-def _read_factor(reader: TensorReader, info: TensorInfo, device: torch.device) -> torch.Tensor:
+def read_factor(reader: TensorReader, info: TensorInfo, device: torch.device) -> torch.Tensor:
     tensor = reader.read(info)
     if not bool(torch.isfinite(tensor).all()):
         raise NumericalError(f"{info.path}: adapter tensor {info.name!r} holds NaN or Inf")
@@ -123,8 +135,8 @@ def compute_scores(
             groups, alignment_stream(leaders, device), strict=True
         ):
             for adapter_index, pair in group:
-                a = _read_factor(adapter_reader, pair.lora.a, device)
-                b = _read_factor(adapter_reader, pair.lora.b, device)
+                a = read_factor(adapter_reader, pair.lora.a, device)
+                b = read_factor(adapter_reader, pair.lora.b, device)
                 score = score_module(v.T if pair.transpose else v, a, b, spec, v_norm)
                 if not math.isfinite(score.v_norm):
                     raise _non_finite_weight(pair)
@@ -151,20 +163,26 @@ def score_job(job: Job, device: torch.device, progress: ProgressFn | None = None
     return scored
 
 
-def _record(pair: ModulePair, score: ModuleScore) -> reporting.ModuleRecord:
+def _record(pair: ModulePair | ProfiledModule, score: ModuleScore, uncertain: bool) -> Record:
     return reporting.record(
         score,
         module=pair.name,
-        weight=pair.base.name,
+        weight=pair.weight,
         shape=pair.shape,
         rank=pair.lora.rank,
         tied=pair.tied,
         transposed=pair.transpose,
+        uncertain=uncertain,
     )
 
 
-def build_report(
-    job: Job, scored: Scored, device: torch.device, output: Path | None
+def adapter_report(
+    scored: Scored,
+    settings: Settings,
+    device: torch.device,
+    inputs: dict[str, Any],
+    notices: Notices,
+    output: Path | None,
 ) -> dict[str, Any]:
     """The report of one scored adapter (``output``: where it is written, None for ``score``).
 
@@ -173,15 +191,14 @@ def build_report(
             adapts: "nothing to project" would be a false all-clear (``provenance.check_scores``).
     """
     adapter = scored.job
-    notices = job.notices.scoped(str(adapter.input.path))
+    notices = notices.scoped(str(adapter.input.path))
     report = reporting.build(
-        settings=job.settings.describe(str(device)),
-        inputs={
-            "base": job.base_input.describe(),
-            "aligned": job.aligned_input.describe(),
-            "adapter": adapter.input.describe(),
-        },
-        records=[_record(pair, scored.scores[pair.name]) for pair in adapter.pairs],
+        settings=settings.describe(str(device)),
+        inputs={**inputs, "adapter": adapter.input.describe()},
+        records=[
+            _record(pair, scored.scores[pair.name], pair.name in scored.uncertain)
+            for pair in adapter.pairs
+        ],
         selected=scored.selected,
         threshold_used=scored.threshold_used,
         passthrough=adapter.adapter.passthrough,
@@ -194,3 +211,11 @@ def build_report(
         notices.add(finding.code, finding.message, values=finding.values)
     report["warnings"] = notices.as_list(notices.adapter)
     return report
+
+
+def build_report(
+    job: Job, scored: Scored, device: torch.device, output: Path | None
+) -> dict[str, Any]:
+    """The report of one adapter scored against the model pair (see ``adapter_report``)."""
+    inputs = {"base": job.base_input.describe(), "aligned": job.aligned_input.describe()}
+    return adapter_report(scored, job.settings, device, inputs, job.notices, output)

@@ -37,6 +37,8 @@ class Projection(str, Enum):
 
 DEFAULT_NUM_LAYERS = 10
 DEFAULT_THRESHOLD = 0.5
+PROFILE_TOLERANCE = 0.01  # `safelora profile`'s rank rule (lowrank.RankRule), kept torch-free
+PROFILE_MAX_RANK = 256
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,10 @@ INPUT_OPTIONS = (
            preset=True),
     Option("preset", str, "A known base/aligned pair (`safelora presets` lists them).",
            metavar="NAME"),
-    Option("revision", str, "Hub revision for --base and --aligned.", metavar="REV"),
+    Option("revision", str, "Hub revision for --base and --aligned (and --profile).",
+           metavar="REV"),
+    Option("profile", str, "An alignment profile (`safelora profile`) instead of --base and "
+           "--aligned: a file, or a hub id org/name[@rev].", metavar="PROFILE"),
 )  # fmt: skip
 SETTING_OPTIONS = (
     Option("select", Select, "number: project the K lowest cosines; threshold: project when "

@@ -1,16 +1,23 @@
 """The ``safelora`` command line: typer only; every command calls the library.
 
 One module per command: ``patch``, ``score``, ``inspect_cmd`` (not ``inspect``: the standard
-library's name), ``presets`` and ``show``. ``_app`` holds the application and the stderr console,
-``_options`` the options the commands share (derived from ``settings.OPTIONS``), ``_errors`` the
-one table from exceptions to stderr lines and exit codes.
+library's name), ``presets``, ``profile_cmd`` and ``show``. ``_app`` holds the application and
+the stderr console, ``_options`` the options the commands share (derived from
+``settings.OPTIONS``), ``_errors`` the one table from exceptions to stderr lines and exit codes.
 stdout carries only the result (the output path, or the report with --json); progress, tables,
 warnings and errors go to stderr. torch is imported only by commands that compute.
 """
 
 from __future__ import annotations
 
-from safelora_cli.cli import inspect_cmd, patch, presets, score, show  # noqa: F401  (registers)
+from safelora_cli.cli import (  # noqa: F401  (importing a command's module registers it)
+    inspect_cmd,
+    patch,
+    presets,
+    profile_cmd,
+    score,
+    show,
+)
 from safelora_cli.cli._app import app
 
 __all__ = ["app", "main"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +20,7 @@ Examples:
   safelora inspect ./my-lora --base meta-llama/Llama-2-7b-hf   # does every module pair?
   safelora inspect ./my-lora --json | jq '.summary'
   safelora inspect ./full-ft --aligned meta-llama/Llama-2-7b-chat-hf   # what changed, how much
+  safelora inspect llama-2-7b-chat.safetensors                          # what a profile holds
 """
 
 
@@ -27,7 +29,8 @@ def inspect_command(
     adapter: Annotated[
         str,
         typer.Argument(
-            help="PEFT LoRA adapter folder, or a full fine-tune's model folder (with --aligned).",
+            help="PEFT LoRA adapter folder; a full fine-tune's model folder (with --aligned); "
+            "or an alignment profile's file.",
             show_default=False,
             metavar="ADAPTER",
         ),
@@ -56,6 +59,9 @@ def inspect_command(
     fine-tune, with --aligned: which weights changed and by how much (‖D‖/‖W‖; reads both).
     """
     with errors_to_exit():
+        if Path(adapter).is_file():  # an alignment profile
+            _inspect_profile(Path(adapter), as_json)
+            return
         if _is_model(adapter):
             _inspect_model(adapter, aligned, revision, as_json)
             return
@@ -80,9 +86,20 @@ def inspect_command(
             )
 
 
-def _is_model(ref: str) -> bool:
-    from pathlib import Path
+def _inspect_profile(path: Path, as_json: bool) -> None:
+    from safelora_cli.profile import read_profile
+    from safelora_cli.profile_summary import describe
 
+    summary = describe(read_profile(path))
+    if as_json:
+        write_stdout(json.dumps(summary, indent=2) + "\n")
+    else:
+        from safelora_cli.display import profile_table, show_safely
+
+        show_safely(stderr, profile_table, summary)
+
+
+def _is_model(ref: str) -> bool:
     from safelora_cli.job import FULL, input_kind
 
     return Path(ref).is_dir() and input_kind(Path(ref)) == FULL

@@ -87,6 +87,7 @@ def patch(
                     paths, config.base, config.aligned, output, config.settings,
                     force=force, revision=config.revision, progress=progress,
                     notify=notice_printer(stderr, quiet), command=invoked, merge=merge,
+                    profile=config.profile,
                 )  # fmt: skip
             else:
                 results = [
@@ -100,6 +101,7 @@ def patch(
                         report_path=report,
                         revision=config.revision,
                         progress=progress,
+                        profile=config.profile,
                         notify=notice_printer(stderr, quiet),
                         command=invoked,
                         merge=merge,

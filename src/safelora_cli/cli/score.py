@@ -68,6 +68,7 @@ def score(
                 config.revision,
                 progress,
                 notice_printer(stderr, quiet),
+                profile=config.profile,
             )
         reports = [r.report for r in results]
         emit_results(stderr, reports, as_json, quiet, batch)

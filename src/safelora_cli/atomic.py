@@ -8,17 +8,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any, BinaryIO
 
 from safelora_cli.errors import CorruptFileError
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 try:
     import fcntl
@@ -126,3 +129,36 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically, as ``write_text``."""
     _replace(stage_json(path, value), path)
+
+
+def save_safetensors(
+    save: Callable[..., None],
+    path: Path,
+    tensors: Mapping[str, Any],
+    metadata: dict[str, str] | None,
+) -> None:
+    """Write a safetensors file with ``save`` (``safetensors.torch.save_file``), with its I/O
+    failures (disk full) raised as the OSError they are: safetensors reports them as its own
+    error type, with the OS error number in the message."""
+    try:
+        save(dict(tensors), str(path), metadata=metadata)
+    except Exception as exc:
+        found = _OS_ERROR.search(str(exc))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

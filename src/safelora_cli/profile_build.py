@@ -11,11 +11,9 @@ Example:
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import re
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
@@ -25,15 +23,16 @@ import torch
 from safetensors.torch import save_file
 
 from safelora_cli import __version__
+from safelora_cli.atomic import fsync_folder, save_safetensors
 from safelora_cli.errors import FilesystemError, NumericalError
 from safelora_cli.lowrank import AUTO, LowRank, RankRule, decompose
 from safelora_cli.profile import CERTIFICATE_FIELDS, FORMAT, SCHEMA_VERSION, tensor_sha256
 from safelora_cli.profile_summary import rule_json
+from safelora_cli.writer import output_error
 
 ProgressFn = Callable[[int, int | None, str], None]
 """Called as ``progress(done, total, weight)`` after each weight; total is None when unknown."""
 DEFAULT_RULE = RankRule()
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def build_profile(
@@ -168,48 +167,14 @@ def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
     except OSError as exc:
-        raise _fs_error(path, exc) from exc
+        raise output_error(path, exc) from exc
     try:
-        _save_file(tensors, tmp, metadata)
+        save_safetensors(save_file, Path(tmp), tensors, metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_folder(parent)
+        fsync_folder(parent)
     except OSError as exc:
-        raise _fs_error(path, exc) from exc
+        raise output_error(path, exc) from exc
     finally:  # on success tmp was renamed away; on any failure (Ctrl-C included) it goes
         Path(tmp).unlink(missing_ok=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (where the platform allows opening a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _save_file(tensors: dict[str, torch.Tensor], tmp: str, metadata: dict[str, str]) -> None:
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-    except Exception as exc:  # safetensors reports I/O failures as its own error type
-        found = _OS_ERROR.search(str(exc))
-        if found is None:
-            raise
-        code = int(found[1])
-        raise OSError(code, os.strerror(code), tmp) from exc
-
-
-def _fs_error(path: Path, exc: OSError) -> FilesystemError:
-    if exc.errno == errno.ENOSPC:
-        return FilesystemError(
-            f"--output {path}: disk full while writing the profile; nothing was left behind",
-            "free some space and run again",
-        )
-    return FilesystemError(f"--output {path}: {exc.strerror or exc} ({exc.filename or path})")

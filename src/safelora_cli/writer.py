@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ from safelora_cli.atomic import (
     deferred_signals,
     publish_lock,
     remove_tree,
+    save_safetensors,
     stage_json,
     write_json,
     write_text,
@@ -54,7 +54,6 @@ __all__ = ["OutputFolder", "cast_checked", "check_output", "check_report_path", 
            "write_adapter", "write_json", "write_text"]  # fmt: skip
 STAGE_PREFIX = ".safelora-tmp-"
 _OLD_PREFIX = ".safelora-old-"
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def check_output(target: Path, inputs: list[Path], force: bool) -> None:
@@ -194,15 +193,7 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         self, name: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None
     ) -> None:
         """Write a safetensors file; tensor data is written byte for byte as given."""
-        path = self.path / name
-        try:
-            save_file(dict(tensors), str(path), metadata=metadata)
-        except Exception as exc:  # safetensors reports I/O failures (disk full) as its own error
-            found = _OS_ERROR.search(str(exc))
-            if found is None:
-                raise
-            code = int(found[1])
-            raise OSError(code, os.strerror(code), str(path)) from exc
+        save_safetensors(save_file, self.path / name, tensors, metadata)
 
     def copy_files(
         self,
@@ -300,7 +291,7 @@ def _previous_files(target: Path) -> list[str]:
 
 
 def output_error(target: Path, exc: OSError) -> FilesystemError:
-    """The error for an OSError met while writing the output ``target``."""
+    """The error for an OSError met while writing the output ``target`` (a folder or a file)."""
     if exc.errno == errno.ENOSPC:
         return FilesystemError(
             f"--output {target}: disk full while writing; nothing was left behind",

@@ -205,3 +205,27 @@ def test_merge_of_a_batch_writes_a_full_model_per_adapter(tmp_path: Path) -> Non
         assert "library_name: transformers" in (folder / CARD).read_text()
     one, two = folder_tensors(out / "one"), folder_tensors(out / "two")
     assert any(not torch.equal(one[n], two[n]) for n in one)  # each its own adapter
+
+
+def test_an_adapter_given_where_a_model_is_due_is_named(models: dict[str, Path]) -> None:
+    adapter = make_adapter(
+        models["root"] / "adapter", models["base"], models["aligned"], all_modules(LlamaShape())
+    )
+    result = invoke(["score", str(adapter), "--base", str(adapter), "--aligned",
+                     str(models["aligned"])])  # fmt: skip
+    assert_error(result, ExitCode.INCOMPATIBLE, "is a LoRA adapter's folder")
+    full = invoke(["score", str(models["ft"]), "--base", str(models["base"]), "--aligned",
+                   str(adapter)])  # fmt: skip
+    assert_error(full, ExitCode.INCOMPATIBLE, "is a LoRA adapter's folder")
+
+
+def test_show_renders_a_full_fine_tunes_report(models: dict[str, Path]) -> None:
+    out = models["root"] / "out"
+    assert (
+        invoke(["patch", str(models["ft"]), *model_args(models), "-o", str(out), "-q"]).exit_code
+        == 0
+    )
+    shown = invoke(["show", str(out / REPORT)])
+    assert shown.exit_code == ExitCode.OK, shown.stderr
+    assert "(full)" in shown.stderr
+    assert "‖D‖ before" in shown.stderr

@@ -202,3 +202,13 @@ def test_a_batch_and_the_gate_through_one_profile(tmp_path: Path) -> None:
     gate = invoke(["score", str(first), "--profile", str(profile), "--fail-if-projected", "0",
                    "-k", "2", "-q"])  # fmt: skip
     assert gate.exit_code == ExitCode.GATE_FAILED
+
+
+def test_show_renders_a_report_made_through_a_profile(trio: Trio, tmp_path: Path) -> None:
+    profile = tmp_path / "p.safetensors"
+    make_profile(trio, profile)
+    out = tmp_path / "out"
+    patch(trio, out, ["--profile", str(profile)])
+    shown = invoke(["show", str(out / REPORT)])
+    assert shown.exit_code == ExitCode.OK, shown.stderr
+    assert "via profile" in shown.stderr

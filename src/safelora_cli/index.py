@@ -22,6 +22,7 @@ from safelora_cli.smallfiles import DuplicateKey, load_json, open_regular, rejec
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_DIM = 2**63  # no tensor is this long (torch's sizes are signed 64-bit)
 INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"  # adapter.CONFIG_NAME (adapter.py imports this module)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LFS_PREFIX = b"version https://git-lfs"
 
@@ -198,8 +199,14 @@ def index_folder(root: Path) -> TensorIndex:
         The index, built from headers only.
     Raises:
         CorruptFileError: a malformed file, an index naming a missing or foreign shard.
-        IncompatibleInputError: no safetensors weights at all (pickle-only folders included).
+        IncompatibleInputError: no safetensors weights at all (pickle-only folders included), or
+            a LoRA adapter's folder where a model's is due.
     """
+    if (root / ADAPTER_CONFIG).exists():
+        raise IncompatibleInputError(
+            f"{root}: is a LoRA adapter's folder (it holds {ADAPTER_CONFIG}), not a model's",
+            "give the model's folder here, and the adapter as ADAPTER",
+        )
     index_path = root / INDEX_NAME
     if index_path.is_file():
         return _index_from_json(root, index_path)

@@ -229,3 +229,64 @@ def test_show_renders_a_full_fine_tunes_report(models: dict[str, Path]) -> None:
     assert shown.exit_code == ExitCode.OK, shown.stderr
     assert "(full)" in shown.stderr
     assert "‖D‖ before" in shown.stderr
+
+
+def test_a_fine_tune_through_a_profile(models: dict[str, Path]) -> None:
+    """V from the profile, D from --aligned: cosines within their bounds of the model pair's,
+    and the written weights W_aligned + Û diag(ŝ²) Ûᵀ D / ν, checked densely in float64."""
+    from safelora_cli.profile import load_entry, read_profile
+
+    profile = models["root"] / "p.safetensors"
+    built = invoke(["profile", *model_args(models), "-o", str(profile), "--rank", "2", "-q"])
+    assert built.exit_code == ExitCode.OK, built.stderr
+    exact = json.loads(
+        invoke(["score", str(models["ft"]), *model_args(models), "--json", "-q"]).stdout
+    )
+    via_args = ["--profile", str(profile), "--aligned", str(models["aligned"])]
+    via = json.loads(invoke(["score", str(models["ft"]), *via_args, "--json", "-q"]).stdout)
+    assert via["kind"] == "full"
+    assert via["inputs"]["profile"]["rank_rule"]["rank"] == 2
+    cosines = {m["module"]: m["cosine"] for m in exact["modules"]}
+    for module in via["modules"]:
+        if module["cosine"] is not None:
+            assert abs(module["cosine"] - cosines[module["module"]]) <= module["cosine_bound"]
+    # an fp32 fine-tune of the bf16 pair: the written values are checked to float32 precision
+    ft32 = make_full_finetune(models["root"] / "ft32", models["base"], models["aligned"],
+                              FineTuneSpec(FROZEN, dtype=torch.float32))  # fmt: skip
+    out = models["root"] / "out"
+    result = invoke(["patch", str(ft32), *via_args, "-o", str(out), "-k", "2", "-q"])
+    assert result.exit_code == ExitCode.OK, result.stderr
+    report = json.loads((out / REPORT).read_text())
+    info = read_profile(profile)
+    got, aligned, ft = (folder_tensors(p) for p in (out, models["aligned"], ft32))
+    for module in report["modules"]:
+        name = module["weight"]
+        if not module["projected"]:
+            assert torch.equal(got[name], ft[name])
+            continue
+        entry = load_entry(info, name)
+        assert entry.u is not None and entry.s is not None  # noqa: PT018
+        u, s = entry.u.double(), entry.s.double()
+        d = ft[name].double() - aligned[name].double()
+        want = aligned[name].double() + u @ ((s**2)[:, None] * (u.T @ d)) / entry.v_norm
+        update = want - aligned[name].double()
+        assert (got[name].double() - want).norm() <= 1e-5 * update.norm() + 1e-7 * want.norm()
+        assert update.norm() > 0
+
+
+def test_a_fine_tune_through_a_profile_needs_aligned_and_not_base(
+    models: dict[str, Path],
+) -> None:
+    profile = models["root"] / "p.safetensors"
+    assert invoke(["profile", *model_args(models), "-o", str(profile), "-q"]).exit_code == 0
+    alone = invoke(["score", str(models["ft"]), "--profile", str(profile)])
+    assert_error(alone, ExitCode.USAGE, "also needs --aligned")
+    with_base = invoke(["score", str(models["ft"]), "--profile", str(profile), "--base",
+                        str(models["base"])])  # fmt: skip
+    assert_error(with_base, ExitCode.USAGE, "--profile and --base")
+    adapter = make_adapter(
+        models["root"] / "adapter", models["base"], models["aligned"], all_modules(LlamaShape())
+    )
+    adapter_aligned = invoke(["score", str(adapter), "--profile", str(profile), "--aligned",
+                              str(models["aligned"])])  # fmt: skip
+    assert_error(adapter_aligned, ExitCode.USAGE, "--profile and --aligned")

@@ -191,7 +191,18 @@ def test_profile_report_marks_cosines_within_their_bound_of_the_cut() -> None:
         near += uncertain
         assert cell == expected_cell(module).rjust(2) + ("~" if uncertain else " ")
     assert near >= 2  # the cut itself and at least one neighbour: the mark was exercised
-    assert "~ within the profile's error bound" in text.replace("\n", " ")
+    assert "~ selection left open by the profile's error bound" in text.replace("\n", " ")
+
+
+def test_a_runs_own_uncertain_flags_drive_the_mark() -> None:
+    """A report that says which modules are uncertain (a run through a profile) is believed:
+    the module that defines the cut, within its bound of it, is not marked unless flagged."""
+    report = make_report(layers=2, bound=0.05, num_layers=4, seed=3)
+    flagged = report["modules"][1]["module"]
+    for module in report["modules"]:
+        module["uncertain"] = module["module"] == flagged
+    text = heatmap_text(report)
+    assert text.count("~") == 2  # the flagged cell and the legend
 
 
 def test_experts_share_a_column_that_shows_their_lowest_cosine() -> None:

@@ -465,3 +465,69 @@ def test_blocked_passes_equal_one_block(
     for key in ("sigma_max", "sigma_next", "tail_energy", "tail"):
         got, want = getattr(blocked.certificate, key), getattr(whole.certificate, key)
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+# --- a full fine-tune's D through a profile ------------------------------------------------------
+
+
+def deltas(v: torch.Tensor, count: int = 5, seed: int = 11) -> list[torch.Tensor]:
+    """D's (out, in) leaning from pure noise (0) to Ĉ's range (1), float32."""
+    gen = torch.Generator().manual_seed(seed)
+    out, inp = v.shape
+    found = []
+    for i in range(count):
+        lean = i / max(1, count - 1)
+        inside = (
+            v.double() @ v.double().T @ torch.randn(out, inp, generator=gen, dtype=torch.float64)
+        )
+        noise = torch.randn(out, inp, generator=gen, dtype=torch.float64)
+        d = lean * inside / inside.norm() + (1 - lean) * noise / noise.norm()
+        found.append(d.float())
+    return found
+
+
+@pytest.mark.usefixtures("small_randomized")
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+@pytest.mark.parametrize("method", [EXACT, RANDOMIZED])
+def test_a_delta_through_a_profile_stays_within_its_bound(spectrum: str, method: str) -> None:
+    from safelora_cli.lowrank_score import score_delta_entry
+
+    v = with_spectrum(160, 120, SPECTRA[spectrum](120), seed=3).float()
+    entry = entry_of(v, fixed(16), method)
+    v64 = v.double()
+    c_hat = v64 @ v64.T / v64.norm()
+    for d in deltas(v):
+        score, pd = score_delta_entry(entry, d)
+        assert pd is not None
+        assert score.cosine is not None
+        assert score.cosine_bound is not None
+        d64 = d.double()
+        exact = float(
+            torch.nn.functional.cosine_similarity((c_hat @ d64).flatten(), d64.flatten(), 0)
+        )
+        assert abs(score.cosine - exact) <= score.cosine_bound + 1e-9
+        # P D itself: Ĉ_k D = Û diag(ŝ²) Ûᵀ D / ν, and within error_bound · ‖D‖ of Ĉ D
+        pd_dense = pd.left.double() @ pd.right.double()
+        assert entry.u is not None
+        assert entry.s is not None
+        u, s = entry.u.double(), entry.s.double()
+        want = u @ ((s**2)[:, None] * (u.T @ d64)) / entry.v_norm
+        assert rel_err(pd_dense, want) <= 1e-5
+        distance = float((pd_dense - c_hat @ d64).norm())
+        assert distance <= entry.error_bound * float(d64.norm()) + 1e-6 * float(want.norm())
+
+
+def test_a_delta_in_subspace_mode_is_exact_within_the_stored_rank() -> None:
+    from safelora_cli.lowrank_score import score_delta_entry
+
+    v = with_spectrum(120, 90, power(90, 1.0), seed=4).float()
+    entry = entry_of(v, fixed(12))
+    [d] = deltas(v, 1)
+    score, pd = score_delta_entry(entry, d, ProjectionSpec(SUBSPACE, rank=5))
+    assert pd is not None
+    u = torch.linalg.svd(v.double(), full_matrices=False)[0][:, :5]
+    want = u @ (u.T @ d.double())
+    assert rel_err(pd.left.double() @ pd.right.double(), want) <= 1e-5
+    assert score.subspace_rank == 5
+    with pytest.raises(IncompatibleInputError, match="stores rank 12"):
+        score_delta_entry(entry, d, ProjectionSpec(SUBSPACE, rank=20))

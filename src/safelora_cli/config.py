@@ -247,13 +247,14 @@ def resolve_run(
     revision = merged.get("revision")
     profile = merged.get("profile")
     if profile is not None:
-        explicit = [f"--{key}" for key in ("base", "aligned") if key in given or key in file_layer]
-        if explicit:  # a preset's pair gives way to the profile; a pair given outright is a clash
+        if "base" in given or "base" in file_layer:  # a preset's pair gives way to the profile
             raise UsageError(
-                f"--profile and {' and '.join(explicit)} both given",
+                "--profile and --base both given",
                 "a profile stands in for the model pair: give one or the other",
             )
-        return RunConfig(None, None, settings, revision, name, profile)
+        # --aligned stays for a full fine-tune (D = W_ft − W_aligned); an adapter refuses it
+        aligned = given.get("aligned", file_layer.get("aligned"))
+        return RunConfig(None, aligned, settings, revision, name, profile)
     missing = [f"--{key}" for key in ("base", "aligned") if key not in merged]
     if missing:
         raise UsageError(

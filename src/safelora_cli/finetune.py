@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from safelora_cli import report as reporting
+from safelora_cli.delta import Factored
 from safelora_cli.errors import IncompatibleInputError, NumericalError, UsageError
 from safelora_cli.full import merged_weight, score_delta
 from safelora_cli.full_targets import (
@@ -30,11 +31,16 @@ from safelora_cli.full_targets import (
 from safelora_cli.index import FLOAT_DTYPES, TensorIndex, TensorInfo, index_folder
 from safelora_cli.job import PathLike, check_inputs_pair
 from safelora_cli.loader import TORCH_DTYPES, TensorReader
+from safelora_cli.lowrank_score import score_delta_entry
 from safelora_cli.notices import Notices, NotifyFn
 from safelora_cli.pairing import MODEL_CONFIG
+from safelora_cli.profile import ProfileInfo, load_entry, read_profile
+from safelora_cli.profile import check_adapter as check_profile_covers
+from safelora_cli.profile_summary import provenance as profile_record
+from safelora_cli.profiled import boundary_check
 from safelora_cli.projection import ModuleScore, alignment_matrix
-from safelora_cli.provenance import check_adapter, check_scores, refuse
-from safelora_cli.resolve import ResolvedInput, resolve
+from safelora_cli.provenance import check_adapter, check_profile_pair, check_scores, refuse
+from safelora_cli.resolve import ResolvedInput, resolve, resolve_profile
 from safelora_cli.scoring import ProgressFn
 from safelora_cli.selection import select_modules
 from safelora_cli.settings import Settings
@@ -48,18 +54,22 @@ KIND = "full"
 
 @dataclass(frozen=True)
 class FullJob:
-    """A full fine-tune, validated and paired against the aligned and base models."""
+    """A full fine-tune, validated and paired against the aligned model, and against the base
+    model or an alignment profile (``profile``; ``base_input`` is then None)."""
 
     model_input: ResolvedInput
-    base_input: ResolvedInput
+    base_input: ResolvedInput | None
     aligned_input: ResolvedInput
     model: TensorIndex
     pairs: list[FullPair]
     settings: Settings
     notices: Notices
+    profile_input: ResolvedInput | None = None
+    profile: ProfileInfo | None = None
 
     def local_inputs(self) -> list[Path]:
-        return [self.model_input.path, self.base_input.path, self.aligned_input.path]
+        inputs = [self.model_input, self.base_input, self.aligned_input, self.profile_input]
+        return [i.path for i in inputs if i is not None]
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class FullScored:
     scores: dict[str, ModuleScore]
     selected: set[str]
     threshold_used: float | None
+    uncertain: frozenset[str] = frozenset()  # through a profile: left open by the bounds
 
 
 @dataclass(frozen=True)
@@ -81,32 +92,73 @@ class _Delta:
 
 def prepare_full(
     model: PathLike,
-    base: PathLike,
+    base: PathLike | None,
     aligned: PathLike,
     settings: Settings,
     revision: str | None = None,
     notify: NotifyFn | None = None,
+    profile: PathLike | None = None,
 ) -> FullJob:
-    """Resolve, index, check and pair a full fine-tune; headers only."""
+    """Resolve, index, check and pair a full fine-tune; headers only. With ``profile``, V comes
+    from the profile (``base`` is then None) and only D reads the aligned weights."""
     notices = Notices(notify)
     model_input = resolve(str(model), None, role="FT_MODEL", notices=notices)
-    base_input = resolve(str(base), revision, role="--base", notices=notices)
     aligned_input = resolve(str(aligned), revision, role="--aligned", notices=notices)
-    check_inputs_pair(base_input, aligned_input, notices)
+    base_input, profile_input, info = None, None, None
+    if profile is None:
+        assert base is not None
+        base_input = resolve(str(base), revision, role="--base", notices=notices)
+        check_inputs_pair(base_input, aligned_input, notices)
+        base_entry = base_input.describe()
+    else:
+        profile_input = resolve_profile(str(profile), revision, notices)
+        info = read_profile(profile_input.path)
+        base_entry = info.inputs.get("base") or {}
+        recorded = info.inputs.get("aligned") or {}
+        for finding in check_profile_pair(recorded, aligned_input.describe()):
+            notices.add(finding.code, finding.message, values=finding.values)
     config = _config(model_input.path)
-    for finding in check_adapter(config, base_input.describe(), aligned_input.describe()):
+    for finding in check_adapter(config, base_entry, aligned_input.describe()):
         notices.add(finding.code, finding.message, values=finding.values)
     model_index = index_folder(model_input.path)
     model_type = config.get("model_type")
     pairs = pair_full_weights(
         model_index,
         index_folder(aligned_input.path),
-        index_folder(base_input.path),
+        index_folder(base_input.path) if base_input is not None else None,
         Targets.parse(settings.targets) if settings.targets else Targets(),
         model_type if isinstance(model_type, str) else None,
     )
+    if info is not None:
+        shapes = {p.name: _module_shape(p) for p in pairs}
+        check_profile_covers(info, shapes, {p.name for p in pairs if p.transpose})
     settings.check_modules(len(pairs))
-    return FullJob(model_input, base_input, aligned_input, model_index, pairs, settings, notices)
+    return FullJob(model_input, base_input, aligned_input, model_index, pairs, settings, notices,
+                   profile_input, info)  # fmt: skip
+
+
+def _module_shape(pair: FullPair) -> tuple[int, int]:
+    out_dim, in_dim = pair.ft.shape[-2:]
+    return (in_dim, out_dim) if pair.transpose else (out_dim, in_dim)
+
+
+def _project(
+    job: FullJob,
+    pair: FullPair,
+    d: torch.Tensor,
+    d_norm: float | None,
+    v: torch.Tensor | None,
+    v_norm: float | None,
+    reader: TensorReader,
+) -> tuple[ModuleScore, Factored | None]:
+    """P D and its score for one weight, D (and V) in the module's orientation: from V, or from
+    the weight's profile entry."""
+    spec = job.settings.projection_spec
+    if job.profile is None:
+        assert v is not None
+        return score_delta(v, d, spec, v_norm, d_norm)
+    entry = load_entry(job.profile, pair.name, reader)
+    return score_delta_entry(entry, d.to(torch.float32), spec, d_norm, pair.module)
 
 
 def _base(pair: FullPair) -> TensorInfo:
@@ -132,23 +184,27 @@ def _checked(score: ModuleScore, pair: FullPair, d_norm: float) -> ModuleScore:
 def score_full(
     job: FullJob, device: torch.device, progress: ProgressFn | None = None
 ) -> FullScored:
-    """Score every targeted weight in one streamed pass, then select."""
-    spec = job.settings.projection_spec
-    alignment = [_Delta(_base(pair), pair.aligned) for pair in job.pairs]
+    """Score every targeted weight in one streamed pass (V beside D, or V's profile entry),
+    then select."""
     deltas = [_Delta(pair.aligned, pair.ft) for pair in job.pairs]
-    total = sum(2 * (p.aligned.nbytes + p.ft.nbytes) for p in job.pairs)
+    alignment = (
+        alignment_stream([_Delta(_base(pair), pair.aligned) for pair in job.pairs], device)
+        if job.profile is None
+        else None
+    )
+    reads = 1 if job.profile is not None else 2  # D only, or V too
+    total = sum(reads * (p.aligned.nbytes + p.ft.nbytes) for p in job.pairs)
     done, scores = 0, {}
-    with torch.inference_mode():
-        for pair, (_, v, v_norm), (_, d, d_norm) in zip(
-            job.pairs,
-            alignment_stream(alignment, device),
-            alignment_stream(deltas, device),
-            strict=True,
-        ):
-            v, d = (v.T, d.T) if pair.transpose else (v, d)
-            score, _ = score_delta(v, d, spec, v_norm, d_norm)
+    with torch.inference_mode(), TensorReader() as reader:
+        for pair, (_, d, d_norm) in zip(job.pairs, alignment_stream(deltas, device), strict=True):
+            v, v_norm = None, None
+            if alignment is not None:
+                _, v, v_norm = next(alignment)
+                v = v.T if pair.transpose else v
+            d = d.T if pair.transpose else d
+            score, _ = _project(job, pair, d, d_norm, v, v_norm, reader)
             scores[pair.module] = _checked(score, pair, d_norm)
-            done += 2 * (pair.aligned.nbytes + pair.ft.nbytes)
+            done += reads * (pair.aligned.nbytes + pair.ft.nbytes)
             if progress is not None:
                 progress(done, total, pair.name)
     settings = job.settings
@@ -156,22 +212,26 @@ def score_full(
     selected, used = select_modules(
         cosines, settings.select, settings.num_layers, settings.threshold
     )
-    return FullScored(scores, selected, used)
+    uncertain = frozenset[str]()
+    if job.profile is not None:
+        uncertain = boundary_check(settings, scores, selected, job.notices)
+    return FullScored(scores, selected, used, uncertain)
 
 
 def write_full(job: FullJob, scored: FullScored, out: OutputFolder, device: torch.device) -> None:
     """Write the patched model into ``out``: W_aligned + P D for the selected weights (a second
     pass over them only), every other tensor and file as the fine-tune's."""
-    spec = job.settings.projection_spec
     chosen = [pair for pair in job.pairs if pair.module in scored.selected]
     with torch.inference_mode(), TensorReader() as reader:
         with ShardWriter(job.model, out.path) as writer:
             for pair in chosen:
-                w_base, w_aligned = reader.read(_base(pair)), reader.read(pair.aligned)
-                v = alignment_matrix(w_base, w_aligned, device)
+                w_aligned = reader.read(pair.aligned)
                 d = alignment_matrix(w_aligned, reader.read(pair.ft), device)
-                v, d = (v.T, d.T) if pair.transpose else (v, d)
-                _, pd = score_delta(v, d, spec)
+                v = None
+                if job.profile is None:
+                    v = alignment_matrix(reader.read(_base(pair)), w_aligned, device)
+                    v = v.T if pair.transpose else v
+                _, pd = _project(job, pair, d.T if pair.transpose else d, None, v, None, reader)
                 assert pd is not None  # selected, so scored: neither V nor D is zero
                 update = pd.T if pair.transpose else pd
                 dtype = TORCH_DTYPES[pair.ft.dtype]
@@ -195,16 +255,13 @@ def full_report(
                 shape=(in_dim, out_dim) if pair.transpose else (out_dim, in_dim),
                 rank=None,
                 transposed=pair.transpose,
+                uncertain=pair.module in scored.uncertain,
             )
         )
     report = reporting.build(
         kind=KIND,
         settings=job.settings.describe(str(device)),
-        inputs={
-            "base": job.base_input.describe(),
-            "aligned": job.aligned_input.describe(),
-            "model": job.model_input.describe(),
-        },
+        inputs=_inputs(job),
         records=records,
         selected=scored.selected,
         threshold_used=scored.threshold_used,
@@ -218,6 +275,19 @@ def full_report(
         job.notices.add(finding.code, finding.message, values=finding.values)
     report["warnings"] = job.notices.as_list()
     return report
+
+
+def _inputs(job: FullJob) -> dict[str, Any]:
+    inputs: dict[str, Any] = {"aligned": job.aligned_input.describe()}
+    if job.profile is not None and job.profile_input is not None:
+        inputs["base"] = job.profile.inputs.get("base")
+        inputs["profile"] = {**profile_record(job.profile), "ref": job.profile_input.ref,
+                             "hub_id": job.profile_input.hub_id,
+                             "revision": job.profile_input.revision,
+                             "commit": job.profile_input.commit}  # fmt: skip
+    elif job.base_input is not None:
+        inputs["base"] = job.base_input.describe()
+    return {**inputs, "model": job.model_input.describe()}
 
 
 def check_full_settings(settings: Settings, merge: bool) -> None:

@@ -95,7 +95,7 @@ def _render(lay: Layout, width: int) -> list[list[Span]]:
         "cells: cosine x 10 rounded down (0.37 -> 3); * projected; -- skipped; blank: not adapted"
     )
     if lay.bounds:
-        legend += "; ~ within the profile's error bound of the cut"
+        legend += "; ~ selection left open by the profile's error bound"
     if any("*" in column for stack in lay.stacks for column in stack.columns):
         legend += "; a column with * holds several modules per layer and shows the lowest cosine"
     if lay.ignored:

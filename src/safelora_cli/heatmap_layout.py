@@ -53,7 +53,10 @@ class Cell:
             return
         self.cosine = cosine if self.cosine is None else min(self.cosine, cosine)
         self.projected |= entry.get("projected") is True
-        self.uncertain |= bound is not None and cut is not None and abs(cosine - cut) <= bound
+        if "uncertain" in entry:  # the run's own verdict (the whole selection, both sides)
+            self.uncertain |= entry["uncertain"] is True
+        else:  # an older report: near the cut, within the bound
+            self.uncertain |= bound is not None and cut is not None and abs(cosine - cut) <= bound
 
     def core(self, bounds: bool) -> str:
         """Two characters (three with bounds): marker and first decimal, or ``--`` / ``!!``."""

@@ -131,7 +131,7 @@ def _legend() -> str:
     steps = [k / 10 for k in range(11)]
     swatches = "".join(f'<span style="background:rgb{colour(x)}">{x:.1f}</span>' for x in steps)
     return (f'<p class="legend">cosine: {swatches} &nbsp; <b>*</b> and a black frame: projected; '
-            "-- on hatching: skipped; ~: within the profile's error bound of the cut; "
+            "-- on hatching: skipped; ~: selection left open by the profile's error bound; "
             "hover a cell for its modules</p>")  # fmt: skip
 
 

@@ -17,7 +17,9 @@ from dataclasses import replace
 
 import torch
 
+from safelora_cli.delta import Factored
 from safelora_cli.errors import IncompatibleInputError
+from safelora_cli.full import score_delta, score_projection
 from safelora_cli.lowrank import WHOLE, ZERO, LowRank
 from safelora_cli.projection import (
     ENERGY_TOLERANCE,
@@ -25,10 +27,13 @@ from safelora_cli.projection import (
     factored_cosine,
     score_module,
 )
-from safelora_cli.report import ZERO_DELTA, ZERO_V
+from safelora_cli.report import UNCHANGED, ZERO_DELTA, ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec
 
 PAPER_SPEC = ProjectionSpec()
+DELTA_ROUNDING = 1e-5
+"""Added to a full fine-tune's bound: its cosine is summed over out x in float32 products
+(``full.score_projection``), good to about this; an adapter's is summed in float64."""
 
 
 def score_entry(
@@ -140,6 +145,12 @@ def _paper(
     y_sq = _weighted(b.T @ b, gram)  # ‖Y‖² with Y = B A
     inside_sq = _weighted(ub.T @ torch.linalg.solve(gamma, ub), gram)  # ‖P Y‖²
     mhat_sq = _weighted(w.T @ gamma @ w, gram)  # ‖M̂ Y‖²
+    return pb, _bound(entry, y_sq, inside_sq, mhat_sq)
+
+
+def _bound(entry: LowRank, y_sq: float, inside_sq: float, mhat_sq: float) -> float:
+    """sqrt(2 − 2 sqrt(1 − δ²)) with δ = β / ‖M̂ Y‖_F (``certificate``), from ‖Y‖², ‖P Y‖² and
+    ‖M̂ Y‖²; 2 when δ ≥ 1 or M̂ Y = 0 (nothing can be said)."""
     # ‖Q Y‖² as a difference: allow for its rounding (float64, far below this)
     y_p = math.sqrt(inside_sq)
     y_q = math.sqrt(max(0.0, y_sq - inside_sq) + 1e-12 * y_sq)
@@ -147,9 +158,55 @@ def _paper(
     f, c, t = cert.ritz, cert.cross, cert.tail
     beta = math.hypot(f * y_p + c * y_q, c * y_p + t * y_q)
     if mhat_sq <= 0.0 or beta * beta >= mhat_sq:
-        return pb, 2.0
+        return 2.0
     delta_sq = beta * beta / mhat_sq
-    return pb, math.sqrt(max(0.0, 2.0 - 2.0 * math.sqrt(1.0 - delta_sq)))
+    return math.sqrt(max(0.0, 2.0 - 2.0 * math.sqrt(1.0 - delta_sq)))
+
+
+def score_delta_entry(
+    entry: LowRank,
+    d: torch.Tensor,
+    spec: ProjectionSpec = PAPER_SPEC,
+    d_norm: float | None = None,
+    module: str = "",
+) -> tuple[ModuleScore, Factored | None]:
+    """Score a full fine-tune's D = W_ft − W_aligned from the weight's profile entry.
+
+    The same as ``full.score_delta`` with V's entry in place of V: subspace exactly within the
+    stored rank; paper mode P D = Û diag(ŝ²) Ûᵀ D / ν with ``cosine_bound`` (Y = D in the
+    certificate's notation).
+
+    Args:
+        entry: the weight's entry, in the module's (out, in) orientation; d: D, (out, in) float32.
+    Returns:
+        (the score, P D as factors, or None when skipped), as ``full.score_delta``.
+    """
+    if d_norm is None:
+        d_norm = float(torch.linalg.vector_norm(d))
+    if entry.kind == WHOLE:
+        assert entry.v is not None
+        score, pd = score_delta(entry.v.to(d.device), d, spec, entry.v_norm, d_norm)
+        bound = None if spec.kind is Projection.SUBSPACE or score.cosine is None else 0.0
+        return replace(score, profile_rank=entry.rank, cosine_bound=bound), pd
+    skipped = UNCHANGED if d_norm == 0.0 else ZERO_V if entry.kind == ZERO else None
+    if skipped is not None:  # as full.score_delta: D = 0 first, then V = 0
+        empty = ModuleScore(None, None, entry.v_norm, d_norm, d_norm, 0.0, skipped)
+        return replace(empty, profile_rank=entry.rank), None
+    u, s = _factors(entry, d.device)
+    ud = u.T @ d.double()  # Ûᵀ D (k, in)
+    if spec.kind is Projection.SUBSPACE:
+        j, captured = subspace_rank(entry, spec, module)
+        pd = Factored(u[:, :j].float(), ud[:j].float())
+        score = score_projection(pd, d, entry.v_norm, d_norm, j, captured)
+        return replace(score, profile_rank=entry.rank), pd
+    w = (s**2).unsqueeze(1) * ud  # diag(ŝ²) Ûᵀ D: M̂ D = Û w
+    pd = Factored((u / entry.v_norm).float(), w.float())
+    gamma = u.T @ u
+    inside_sq = float((ud * torch.linalg.solve(gamma, ud)).sum())
+    mhat_sq = float((w * (gamma @ w)).sum())
+    bound = _bound(entry, d_norm * d_norm, inside_sq, mhat_sq) + DELTA_ROUNDING
+    score = score_projection(pd, d, entry.v_norm, d_norm)
+    return replace(score, profile_rank=entry.rank, cosine_bound=bound), pd
 
 
 def _weighted(xtx: torch.Tensor, gram: torch.Tensor) -> float:

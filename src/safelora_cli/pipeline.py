@@ -72,7 +72,11 @@ def _prepare(
 ) -> _Adapters:
     if profile is not None:
         if base is not None or aligned is not None:
-            raise UsageError("give --profile or --base/--aligned, not both")
+            flag = "--base" if base is not None else "--aligned"
+            raise UsageError(
+                f"--profile and {flag} both given",
+                "for an adapter the profile stands in for the model pair: give one or the other",
+            )
         run = prepare_profiled(adapters, profile, settings, revision, notify)
         return _Adapters(
             run.notices,
@@ -123,10 +127,14 @@ def _full_job(
     notify: NotifyFn | None,
 ) -> finetune.FullJob:
     if profile is not None:
-        raise UsageError(
-            "a full fine-tune needs the models: D = W_ft − W_aligned reads the aligned weights",
-            "give --base and --aligned instead of --profile",
-        )
+        if base is not None:
+            raise UsageError("--profile and --base both given", "give one or the other")
+        if aligned is None:
+            raise UsageError(
+                "a full fine-tune through a profile also needs --aligned: D = W_ft − W_aligned",
+                "give --aligned REF (the profile stands in for --base only)",
+            )
+        return finetune.prepare_full(model, None, aligned, settings, revision, notify, profile)
     return finetune.prepare_full(
         model, _given(base, "--base"), _given(aligned, "--aligned"), settings, revision, notify
     )

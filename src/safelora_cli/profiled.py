@@ -157,6 +157,17 @@ def _select(job: ProfileJob, adapter: ProfiledAdapter, scores: dict[str, ModuleS
     selected, used = select_modules(
         cosines, settings.select, settings.num_layers, settings.threshold
     )
+    notices = job.notices.scoped(str(adapter.input.path))
+    uncertain = boundary_check(settings, scores, selected, notices)
+    return Scored(adapter, scores, selected, used, uncertain)
+
+
+def boundary_check(
+    settings: Settings, scores: dict[str, ModuleScore], selected: set[str], notices: Notices
+) -> frozenset[str]:
+    """The modules whose selection a profile's bounds leave open (``uncertain_modules``), with a
+    ``profile-boundary`` notice when there are any."""
+    cosines = {name: s.cosine for name, s in scores.items() if s.cosine is not None}
     bounds = {name: scores[name].cosine_bound or 0.0 for name in cosines}
     number = settings.select is Select.NUMBER
     uncertain = uncertain_modules(
@@ -168,14 +179,14 @@ def _select(job: ProfileJob, adapter: ProfiledAdapter, scores: dict[str, ModuleS
     )
     if uncertain:
         shown = ", ".join(sorted(uncertain)[:5]) + (", ..." if len(uncertain) > 5 else "")
-        job.notices.scoped(str(adapter.input.path)).add(
+        notices.add(
             "profile-boundary",
             f"{len(uncertain)} module(s) are closer to the selection's cut than the profile's "
             f"error bound ({shown}): with the model pair the selection could differ there; "
-            "build the profile with a lower --tolerance, or patch with --base/--aligned",
+            "build the profile with a lower --tolerance, or run on the model pair",
             values={"modules": sorted(uncertain)},
         )
-    return Scored(adapter, scores, selected, used, frozenset(uncertain))
+    return frozenset(uncertain)
 
 
 def profiled_report(

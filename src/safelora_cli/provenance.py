@@ -140,6 +140,27 @@ def check_pair(
     return []
 
 
+def check_profile_pair(
+    profile_aligned: Mapping[str, Any], aligned: Mapping[str, Any]
+) -> list[Finding]:
+    """Is ``--aligned`` the aligned model the profile was made from (a full fine-tune through a
+    profile reads W_aligned from ``--aligned`` and V from the profile)?
+
+    Returns:
+        [] when they are the same model (or the profile records none); else one warning,
+        ``profile-pair-mismatch``.
+    """
+    if not profile_aligned:
+        return []
+    recorded, given = ref_from_input(profile_aligned), ref_from_input(aligned)
+    if compare(recorded, given) in (Match.SAME, Match.SAME_NAME):
+        return []
+    return [Finding("profile-pair-mismatch",
+        f"the profile was made with the aligned model {_show(recorded.given)}, and --aligned is "
+        f"{_show(given.given)}: V and W_aligned may not belong together",
+        {"profile_aligned": recorded.given, "aligned": given.given})]  # fmt: skip
+
+
 def check_scores(report: Mapping[str, Any]) -> list[Finding]:
     """After scoring: did the pair differ where the adapter acts, and did the adapter act?
 

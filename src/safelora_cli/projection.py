@@ -157,12 +157,17 @@ def subspace_basis(
 def paper_project(v: torch.Tensor, b: torch.Tensor, v_norm: float) -> torch.Tensor:
     """Ĉ B = V (Vᵀ B) / ‖V‖_F, the paper's (and the official code's) projection.
 
+    Computed as (Bᵀ V)ᵀ: with the skinny factor on the left, MKL runs these products 1.2-1.5x
+    faster than V (Vᵀ B) single-threaded (measured on TinyLlama's shapes, either layout of V).
+
     Args:
-        v: (out, in) float32; b: (out, r) float32; v_norm: ‖V‖_F > 0.
+        v: (out, in) float32, either memory layout; b: (out, r) float32; v_norm: ‖V‖_F > 0.
     Returns:
         (out, r) float32.
     """
-    return (v @ (v.T @ b)).div_(v_norm)
+    c = b.T @ v  # (r, in) = (Vᵀ B)ᵀ
+    projected = v @ c.T if v.is_contiguous() else (c @ v.T).T
+    return projected.div_(v_norm)
 
 
 def factored_cosine(pb: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[float, float]:

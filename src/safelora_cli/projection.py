@@ -157,17 +157,57 @@ def subspace_basis(
 def paper_project(v: torch.Tensor, b: torch.Tensor, v_norm: float) -> torch.Tensor:
     """Ĉ B = V (Vᵀ B) / ‖V‖_F, the paper's (and the official code's) projection.
 
-    Computed as (Bᵀ V)ᵀ: with the skinny factor on the left, MKL runs these products 1.2-1.5x
-    faster than V (Vᵀ B) single-threaded (measured on TinyLlama's shapes, either layout of V).
-
     Args:
         v: (out, in) float32, either memory layout; b: (out, r) float32; v_norm: ‖V‖_F > 0.
     Returns:
         (out, r) float32.
     """
-    c = b.T @ v  # (r, in) = (Vᵀ B)ᵀ
-    projected = v @ c.T if v.is_contiguous() else (c @ v.T).T
-    return projected.div_(v_norm)
+    return paper_projections(v, [b], v_norm)[0]
+
+
+def paper_projections(
+    v: torch.Tensor, bs: Sequence[torch.Tensor], v_norm: float
+) -> list[torch.Tensor]:
+    """Ĉ B_i for several B's on one V (the adapters of a batch), each as ``paper_project``.
+
+    On CPU, in two passes over row blocks of V as stored (S = V, or S = Vᵀ for a transposed
+    module), every product of a pass working on a block while it is in cache: a batch of 8
+    reads V twice instead of 16 times (25% faster on TinyLlama's MLP shapes, single-threaded).
+    Each B goes through the same operations whether alone or with others, so every adapter of a
+    batch gets the bits it gets alone. The skinny factor stands on the left of the first product
+    (Bᵀ V, not Vᵀ B): MKL runs it 1.2-1.5x faster.
+
+    Args:
+        v: (out, in) float32, either memory layout; bs: (out, r_i) float32; v_norm: ‖V‖_F > 0.
+    Returns:
+        (out, r_i) float32 for each B, in order.
+    """
+    stored = v if v.is_contiguous() else v.T
+    if v.device.type != "cpu" or not stored.is_contiguous():  # whole products suit a GPU
+        cts = [b.T @ v for b in bs]  # (r, in) = (Vᵀ B)ᵀ
+        return [(v @ ct.T).div_(v_norm) for ct in cts]
+    rows = max(1, BLOCK_ELEMENTS // stored.shape[1])
+    blocks = [(i, stored[i : i + rows]) for i in range(0, stored.shape[0], rows)]
+    if stored is v:  # (Vᵀ B)ᵀ = Σ B_kᵀ S_k over row blocks k; then (Ĉ B)_k = S_k (Vᵀ B)
+        cts = [torch.zeros(b.shape[1], v.shape[1], dtype=v.dtype) for b in bs]
+        for i, block in blocks:
+            for b, ct in zip(bs, cts, strict=True):
+                ct.addmm_(b[i : i + rows].T, block)
+        projected = [torch.empty(b.shape, dtype=v.dtype) for b in bs]
+        for i, block in blocks:
+            for pb, ct in zip(projected, cts, strict=True):
+                torch.mm(block, ct.T, out=pb[i : i + rows])
+        return [pb.div_(v_norm) for pb in projected]
+    # V = Sᵀ: (Vᵀ B)ᵀ_k = Bᵀ S_kᵀ per block; then (Ĉ B)ᵀ = Σ (Vᵀ B)ᵀ_k S_k
+    cts = [torch.empty(b.shape[1], v.shape[1], dtype=v.dtype) for b in bs]
+    for i, block in blocks:
+        for b, ct in zip(bs, cts, strict=True):
+            torch.mm(b.T, block.T, out=ct[:, i : i + rows])
+    pts = [torch.zeros(b.shape[1], v.shape[0], dtype=v.dtype) for b in bs]
+    for i, block in blocks:
+        for pt, ct in zip(pts, cts, strict=True):
+            pt.addmm_(ct[:, i : i + rows], block)
+    return [pt.T.div_(v_norm) for pt in pts]
 
 
 def factored_cosine(pb: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[float, float]:
@@ -242,8 +282,10 @@ def score_modules(
             for b, (a, _), b_norm in zip(bs, factors, b_norms, strict=True)
         ]
     return [
-        _module_score(paper_project(v, b, v_norm), b, a.float(), b_norm, v_norm, None, None)
-        for b, (a, _), b_norm in zip(bs, factors, b_norms, strict=True)
+        _module_score(pb, b, a.float(), b_norm, v_norm, None, None)
+        for pb, b, (a, _), b_norm in zip(
+            paper_projections(v, bs, v_norm), bs, factors, b_norms, strict=True
+        )
     ]
 
 

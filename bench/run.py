@@ -12,6 +12,7 @@ bench/RESULTS.md. Exits 1 when a case that must work fails (a target missed is r
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shlex
@@ -98,13 +99,14 @@ def targets(m: dict[str, Measurement]) -> list[Target]:
 
     return [
         Target("patch-22", "wall ≤ 5 s", wall("patch-22"), 5.0, "s"),
-        Target("patch-22", "peak RSS ≤ 1500 MB", rss("patch-22"), 1500.0, "MB"),
+        Target("patch-22", "wall ≤ 4 s (the next step)", wall("patch-22"), 4.0, "s"),
+        Target("patch-22", "peak RSS ≤ 1000 MB", rss("patch-22"), 1000.0, "MB"),
         Target("patch-22", "peak RSS ≤ 1.3× the 6-layer job's",
                ratio(rss("patch-22"), rss("patch-6")), 1.3, "×"),
-        Target("patch-6", "≥ 6× faster than dense (same run)",
-               ratio(wall("dense-6"), wall("patch-6")), 6.0, "×", at_least=True),
-        Target("batch-6", "≤ 2× one adapter (patch-6)", ratio(wall("batch-6"), wall("patch-6")),
-               2.0, "×"),
+        Target("patch-6", "≥ 15× faster than dense (same run)",
+               ratio(wall("dense-6"), wall("patch-6")), 15.0, "×", at_least=True),
+        Target("batch-6", "≤ 1.5× one adapter (patch-6)", ratio(wall("batch-6"), wall("patch-6")),
+               1.5, "×"),
         Target("subspace-22", "≤ 3× paper mode (patch-22)",
                ratio(wall("subspace-22"), wall("patch-22")), 3.0, "×"),
     ]  # fmt: skip
@@ -159,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 3:
         parser.error("--runs must be at least 3 (the median of fewer says little)")
     os.chdir(REPO)
+    # An installed package has its bytecode compiled (pip does it at install time); where
+    # PYTHONDONTWRITEBYTECODE is set (as on the machine the bench was written on) every run would
+    # compile safelora's sources again: 0.2-0.26 s of each run, measured.
+    compileall.compile_dir(str(REPO / "src" / "safelora_cli"), quiet=1)
     full, part = ensure(CACHE, FULL), ensure(CACHE, SLICE)
     OUT.mkdir(parents=True, exist_ok=True)
     measured: dict[str, Measurement] = {}

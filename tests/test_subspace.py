@@ -3,8 +3,9 @@
 Checked against a dense float64 reference (``torch.linalg.svd`` in float64, the out x out projector
 and the out x in B A built in full): projected B and cosine within 1e-4 relative, on the exact
 SVD path and on the randomized one (block Krylov, ``projection._block_krylov``, used when
-min(out, in) is above ``projection.EXACT_SVD_MAX_DIM``); k from ``--energy`` is the smallest k whose σ² reach E; the
-projection is idempotent and orthogonal; runs are deterministic; usage errors exit 2.
+min(out, in) is above ``projection.EXACT_SVD_MAX_DIM``); k from ``--energy`` is the smallest k
+whose σ² reach E; the projection is idempotent and orthogonal; runs are deterministic; usage
+errors exit 2.
 (``--projection subspace`` without --rank/--energy, ``--rank 0`` and ``--energy 1.5`` are in
 test_numbers.py.)
 """

@@ -106,10 +106,14 @@ def map_alignment(pairs: list[ModulePair], device: torch.device, fn: AlignedFn[T
     for _ in range(workers):
         free.put(_Buffers(pairs, device))
 
+    cuda_index = 0
+    if device.type == "cuda":  # no index: the caller's current device (each thread has its own)
+        cuda_index = torch.cuda.current_device() if device.index is None else device.index
+
     def start() -> None:
         torch.set_num_threads(threads)  # torch keeps it per thread: this worker only
         if device.type == "cuda":
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(cuda_index)
 
     def work(pair: ModulePair) -> T:
         buffers = free.get()  # one per worker: never waits

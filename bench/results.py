@@ -48,6 +48,7 @@ class Context:
     phases: dict[str, Any] | None
     fixtures: dict[str, Built]
     runs: int
+    notes: list[str]
 
 
 def machine() -> list[tuple[str, str]]:
@@ -313,6 +314,7 @@ def render(ctx: Context) -> str:
         "",
         *_targets_table(ctx),
         "",
+        *(["## Notes", "", *[f"- {note}" for note in ctx.notes], ""] if ctx.notes else []),
         "## Dense reference check",
         "",
         *_check(ctx),

@@ -144,6 +144,19 @@ def phase_breakdown(fixture: Built) -> dict[str, Any]:
     return result
 
 
+def _without_notes(argv: list[str] | None) -> list[str]:
+    """The command line as typed, less the --note texts (they are in the Notes section)."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    kept = []
+    while given:
+        arg = given.pop(0)
+        if arg == "--note":
+            given = given[1:]
+        elif not arg.startswith("--note="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="measured runs per case (≥ 3)")
@@ -157,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results", type=Path, default=BENCH / "RESULTS.md")
     parser.add_argument("--only", nargs="*", help="measure these cases only (a quick look)")
+    parser.add_argument(
+        "--note", action="append", default=[], help="a line for the Notes section (repeatable)"
+    )
     args = parser.parse_args(argv)  # fmt: skip
     if args.runs < 3:
         parser.error("--runs must be at least 3 (the median of fewer says little)")
@@ -189,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         profiled = profile(patch_command(full, [full.adapter], profile_out, "--quiet"))
         phases = phase_breakdown(full)
     context = Context(
-        command=" ".join([_rel(sys.executable), "bench/run.py", *(argv or sys.argv[1:])]),
+        command=" ".join([_rel(sys.executable), "bench/run.py", *_without_notes(argv)]),
         cases=[(c.key, c.label) for c in todo],
         measured=measured,
         targets=targets(measured),
@@ -198,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         phases=phases,
         fixtures={"22-layer": full, "6-layer": part},
         runs=args.runs,
+        notes=args.note,
     )
     args.results.write_text(render(context))
     log(f"wrote {_rel(args.results)}")

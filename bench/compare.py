@@ -10,8 +10,8 @@ CASES are bench/run.py's case keys, comma-separated; SRC is a folder holding ``s
 for the machine to go quiet; a run during which the rest of the machine used more than 0.3 cores
 is repeated (up to 4 times). Consecutive runs see about the same machine, which one `make bench`
 after another does not: on a shared host the same build measured 4.1 s and 5.4 s an hour apart.
-Prints every run, then per pair the median, min and max wall time, and the per-round ratio of
-each pair to the first one.
+Prints every run, then per pair the median, min and max wall time, and the per-round ratio to
+the first source on the same case.
 """
 
 from __future__ import annotations
@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"round {k + 1}: {name}: {sample.wall_s:.2f} s, cpu {sample.cpu_s:.2f} s, "
                 f"other load {sample.other_cores:.2f}"
             )
-    first = pairs[0][0]
     for name, got in samples.items():
+        first = samples[f"{name.split('/')[0]}/{sources[0][0]}"]  # this case, the first source
         walls = [s.wall_s for s in got]
-        ratios = [s.wall_s / f.wall_s for s, f in zip(got, samples[first], strict=True)]
+        ratios = [s.wall_s / f.wall_s for s, f in zip(got, first, strict=True)]
         print(
             f"{name}: median {statistics.median(walls):.2f} s (min {min(walls):.2f}, max "
             f"{max(walls):.2f}), peak RSS {max(s.peak_rss_kib for s in got) / 1024:.0f} MiB, "
-            f"other load ≤ {max(s.other_cores for s in got):.2f}; / {first} per round: "
+            f"other load ≤ {max(s.other_cores for s in got):.2f}; / {sources[0][0]} per round: "
             + " ".join(f"{r:.2f}" for r in ratios)
         )
     return 0

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapter, make_pair
+from safelora_cli.synthetic import (
+    FineTuneSpec,
+    LlamaShape,
+    PairSpec,
+    all_modules,
+    make_adapter,
+    make_full_finetune,
+    make_pair,
+)
 
 FORMAT = 1  # bump to force a rebuild of every cached fixture
 BATCH_SIZE = 8
@@ -111,6 +119,22 @@ def ensure(cache: Path, fixture: Fixture) -> Built:
     shutil.rmtree(root, ignore_errors=True)
     staging.rename(root)
     return _paths(root, fixture)
+
+
+def ensure_finetune(built: Built, shards: int = 2) -> Path:
+    """A full fine-tune of the fixture's aligned model (``synthetic.make_full_finetune``, bf16,
+    every 2-D weight changed by 1% of its norm), built once into ``<fixture>/finetune``."""
+    folder = built.root / "finetune"
+    if (folder / "config.json").is_file():
+        return folder
+    staging = built.root / ".finetune.building"
+    shutil.rmtree(staging, ignore_errors=True)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        make_full_finetune(staging, built.base, built.aligned, FineTuneSpec(shards=shards))
+    staging.rename(folder)
+    _log(f"  {built.root.name}: full fine-tune built in {time.perf_counter() - started:.0f} s")
+    return folder
 
 
 def _log(message: str) -> None:

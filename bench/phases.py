@@ -1,8 +1,9 @@
 """Phase breakdown of safelora's hot path, one step at a time, on one fixture.
 
-py-spy (profiling.py) shows where the real run spends its time, spread over two threads. This
-script replays the per-module work serially (no prefetch thread) with the library's own functions
-(``safelora_cli.stream`` / ``projection``) and times each step apart:
+py-spy (profiling.py) shows where the real run spends its time, spread over threads. This script
+replays the per-module work serially with the library's own functions (``safelora_cli.stream`` /
+``projection``), with torch single-threaded as in each of the stream's workers, and times each
+step apart:
 
     read      both weights' bytes into reused buffers (``TensorReader.read_into``)
     align     V = W_a − W_b in fp32 and ‖V‖_F (``alignment_matrix_into``: blocked convert,
@@ -10,13 +11,15 @@ script replays the per-module work serially (no prefetch thread) with the librar
     matmul    ``paper_project``: V (Vᵀ B) / ‖V‖_F
     cosine    ``factored_cosine`` and the small norms of ``score_module``
 
-and, to size proposed changes, some alternatives (the ``alt_*`` keys):
+and, to size changes, some alternatives (the ``alt_*`` keys):
 
-    alt_matmul_1thread   ``paper_project`` with torch.set_num_threads(1)
-    alt_batch_*          8 adapters on the first layers: 8 ``paper_project`` calls vs one on the
-                         stacked [B_1 .. B_8]
+    alt_matmul_whole     V (Vᵀ B) / ‖V‖_F as two whole-matrix products (the code before)
+    alt_matmul_2threads  ``paper_project`` with torch's intra-op threads (all cores)
+    alt_batch_*          8 adapters on the first layers: 8 whole-matrix calls, the shipped
+                         ``paper_projections`` on all 8, one call on the stacked [B_1 .. B_8]
     alt_subspace         the first layers with --projection subspace --rank 16, as shipped
-    alt_subspace_niter*  the same sketch with fewer power iterations
+    alt_subspace_*       4 Krylov steps; the code before (full SVD up to 256 wide, else
+                         ``torch.svd_lowrank`` with 6 power iterations)
 
 Usage: python bench/phases.py FIXTURE_DIR [--sample-layers 2]; prints JSON on stdout.
 """
@@ -34,13 +37,19 @@ from typing import Any
 
 import torch
 
-from safelora_cli import projection
+from safelora_cli import projection, stream
 from safelora_cli.loader import TensorReader
 from safelora_cli.pairing import ModulePair
 from safelora_cli.pipeline import Settings, prepare
-from safelora_cli.projection import factored_cosine, paper_project, subspace_basis
+from safelora_cli.projection import (
+    factored_cosine,
+    paper_project,
+    paper_projections,
+    subspace_basis,
+)
 
 BATCH = 8
+THREADS = torch.get_num_threads()  # all cores, before the replay goes single-threaded
 
 
 class Clock:
@@ -57,7 +66,8 @@ class Clock:
 
 
 class Buffers:
-    """Reused buffers, as ``stream.alignment_stream`` keeps them: raw bytes, V, a scratch block."""
+    """Reused buffers, as each of ``stream.map_alignment``'s workers keeps them: raw bytes, V, a
+    scratch block."""
 
     def __init__(self, pairs: list[ModulePair]) -> None:
         nbytes = max(max(p.base.nbytes, p.aligned.nbytes) for p in pairs)
@@ -96,10 +106,11 @@ def module_phases(
         float(torch.linalg.vector_norm(b - pb))
 
     clock.time("cosine", rest)
+    clock.time("alt_matmul_whole", lambda: (v @ (v.T @ b)).div_(v_norm))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     try:
-        clock.time("alt_matmul_1thread", lambda: paper_project(v, b, v_norm))
+        clock.time("alt_matmul_2threads", lambda: paper_project(v, b, v_norm))
     finally:
         torch.set_num_threads(threads)
 
@@ -113,23 +124,29 @@ def sample_phases(
     gen = torch.Generator().manual_seed(0)
     bs = [b] + [torch.randn(b.shape, generator=gen) for _ in range(BATCH - 1)]
     clock.time("alt_batch_paper_1", lambda: paper_project(v, b, v_norm))
-    clock.time("alt_batch_paper_8_separate", lambda: [paper_project(v, x, v_norm) for x in bs])
+    clock.time("alt_batch_paper_8_separate", lambda: [(v @ (v.T @ x)).div_(v_norm) for x in bs])
+    clock.time("alt_batch_paper_8_blocked", lambda: paper_projections(v, bs, v_norm))
     clock.time("alt_batch_paper_8_stacked", lambda: paper_project(v, torch.cat(bs, 1), v_norm))
 
     def subspace() -> None:
         u, _ = subspace_basis(v, v_norm, rank=16)
         u @ (u.T @ b)
 
+    def before() -> None:  # the code before: a full SVD up to 256 wide, else torch.svd_lowrank
+        if min(v.shape) <= projection.EXACT_SVD_MAX_DIM:
+            u = torch.linalg.svd(v, full_matrices=False)[0]
+        else:
+            u = torch.svd_lowrank(v, q=32, niter=6)[0]
+        u[:, :16] @ (u[:, :16].T @ b)
+
     clock.time("alt_subspace", subspace)
-    shipped = getattr(projection, "POWER_ITERATIONS", None)
-    if shipped is None:
-        return
-    for niter in (1, 2):
-        projection.POWER_ITERATIONS = niter  # the module reads it at call time
-        try:
-            clock.time(f"alt_subspace_niter{niter}", subspace)
-        finally:
-            projection.POWER_ITERATIONS = shipped
+    shipped = projection.KRYLOV_STEPS
+    projection.KRYLOV_STEPS = 4  # the module reads it at call time
+    try:
+        clock.time("alt_subspace_krylov4", subspace)
+    finally:
+        projection.KRYLOV_STEPS = shipped
+    clock.time("alt_subspace_before", before)
 
 
 def run(root: Path, sample_layers: int) -> dict[str, Any]:
@@ -138,6 +155,8 @@ def run(root: Path, sample_layers: int) -> dict[str, Any]:
     sampled = [p for p in pairs if int(p.name.split(".")[2]) < sample_layers]
     buffers = Buffers(pairs)
     clock = Clock()
+    workers, threads = stream.worker_plan(torch.device("cpu"), len(pairs))
+    torch.set_num_threads(threads)  # as in each worker
     with torch.inference_mode(), TensorReader() as reader, TensorReader() as adapters:
         for pair in pairs:
             module_phases(clock, reader, adapters, buffers, pair)
@@ -149,7 +168,8 @@ def run(root: Path, sample_layers: int) -> dict[str, Any]:
         "sampled_modules": len(sampled),
         "sample_layers": sample_layers,
         "threads": torch.get_num_threads(),
-        "power_iterations": getattr(projection, "POWER_ITERATIONS", None),
+        "workers": workers,
+        "krylov_steps": projection.KRYLOV_STEPS,
         "targeted_bytes": sum(p.base.nbytes + p.aligned.nbytes for p in pairs),
         "elements": sum(p.shape[0] * p.shape[1] for p in pairs),
         "seconds": dict(clock.seconds),

@@ -1,10 +1,11 @@
 """Where the time goes: one run of a command under py-spy, samples grouped by pipeline step.
 
 py-spy samples every Python thread (``--threads``) and, by default, only while the thread is on
-CPU, so the prefetch thread's read/convert work and the main thread's matmuls are counted apart.
+CPU, so the stream's worker threads (reads, V, products) and the main thread (start-up, writing)
+are counted apart.
 Each sample is charged to the innermost frame that names a step (see ``RULES``); a sample anywhere
 below an import is charged to "import". Without py-spy, cProfile gives the main thread's
-cumulative times for the same steps (the prefetch thread is then invisible).
+cumulative times for the same steps (the worker threads are then invisible).
 """
 
 from __future__ import annotations
@@ -34,31 +35,32 @@ RULES: list[tuple[str, str, str, str]] = [
     ("projection", "alignment_matrix_into", "sub_", "subtract: V = W_a − W_b (fp32)"),
     ("projection", "alignment_matrix_into", "dot", "‖V‖² (fused, per block)"),
     ("projection", "alignment_matrix_into", "", "alignment: other (block loop, ‖V‖ sync)"),
-    ("projection", "alignment_matrix", "copy_", "convert: W_a bf16→fp32 (+ mmap page faults)"),
-    ("projection", "alignment_matrix", "sub_", "subtract: V −= W_b bf16 (+ mmap page faults)"),
-    ("projection", "alignment_matrix", "", "alignment: other"),
-    ("projection", "paper_project", "", "matmul: V (Vᵀ B) / ‖V‖"),
-    ("projection", "_top_singular", "", "matmul: randomized SVD (subspace)"),
-    ("projection", "subspace_basis", "", "matmul: randomized SVD (subspace)"),
+    ("projection", "paper_projections", "", "matmul: paper Ĉ B (two passes over V's blocks)"),
+    ("projection", "paper_project", "", "matmul: paper Ĉ B (two passes over V's blocks)"),
+    ("projection", "_products.<locals>.<lambda>", "", "matmul: subspace basis, passes over V"),
+    ("projection", "_block_krylov", "qr", "matmul: subspace basis, QR of the Krylov blocks"),
+    ("projection", "_block_krylov", "", "matmul: subspace basis, Gram-Schmidt and Ritz"),
+    ("projection", "_top_singular", "", "matmul: subspace basis (exact: Gram eigh or SVD)"),
+    ("projection", "subspace_basis", "", "matmul: subspace basis (exact: Gram eigh or SVD)"),
     ("projection", "factored_cosine", "", "cosine: r×r Grams in fp64"),
-    ("projection", "score_module", "vector_norm(v)", "‖V‖_F (a separate pass over V)"),
-    ("projection", "score_module", "", "score_module: other (B norms, U_k U_kᵀ B)"),
-    ("pipeline", "_read_factor", "", "read adapter factors (+ isfinite check)"),
-    ("pipeline", "_write", "", "write patched adapter + report"),
-    ("pipeline", "prepare", "", "resolve/index/pair (headers only)"),
+    ("projection", "_module_score", "", "cosine: small norms of P B"),
+    ("projection", "score_modules", "", "score: other (U_k U_kᵀ B, B norms)"),
+    ("scoring", "_read_factor", "", "read adapter factors (+ isfinite check)"),
+    ("pipeline", "_stage", "", "write patched adapter + model card + report"),
+    ("job", "prepare", "", "resolve/index/pair (headers only)"),
     ("report", "build", "", "report build"),
     ("loader", "TensorReader.read", "", "safetensors get_tensor (adapter, mmap view)"),
-    ("cli", "_emit", "", "CLI output (summary table)"),
+    ("display", "emit_results", "", "CLI output (summary table)"),
 ]
 IMPORT = "import (python, torch, safelora modules)"
-IDLE = "prefetch thread waiting for work (idle, missed by py-spy's idle filter)"
+IDLE = "worker thread waiting for work (idle, missed by py-spy's idle filter)"
 NO_FRAME = "interpreter start/exit (no Python frame)"
 OTHER = "other (interpreter, CLI, waits)"
 
 
 @dataclass
 class Profile:
-    """Seconds per step, per thread kind (main / prefetch)."""
+    """Seconds per step, per thread kind (main / workers)."""
 
     tool: str
     wall_s: float
@@ -130,7 +132,7 @@ def _pyspy_profile(exe: str, command: list[str], out: Path) -> Profile:
             names[tid] = name
         stacks.append((tid, frames, int(samples)))
     for tid, frames, count in stacks:
-        kind = "prefetch" if "prefetch" in names.get(tid, "") else "main"
+        kind = "workers" if "safelora-weights" in names.get(tid, "") else "main"
         result.add(kind, classify(frames), count / PYSPY_RATE)
     return result
 
@@ -145,8 +147,8 @@ def _cprofile(command: list[str], out: Path) -> Profile:
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     result = Profile("cProfile", time.perf_counter() - started)
     result.note = (
-        "cProfile: cumulative seconds (nested steps overlap), main thread only: the prefetch "
-        "thread's read/convert work is missing."
+        "cProfile: cumulative seconds (nested steps overlap), main thread only: the worker "
+        "threads' work is missing."
     )
     stats = pstats.Stats(str(out)).stats  # type: ignore[attr-defined]
     steps = {(module, name): step for module, name, text, step in RULES if not text}

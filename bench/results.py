@@ -44,10 +44,12 @@ class Context:
     measured: dict[str, Measurement]
     targets: list[Target]
     check: dict[str, Any] | None
+    profile_check: list[str]
     profile: Profile | None
     phases: dict[str, Any] | None
     fixtures: dict[str, Built]
     runs: int
+    notes: list[str]
 
 
 def machine() -> list[tuple[str, str]]:
@@ -164,10 +166,10 @@ def _check(ctx: Context) -> list[str]:
 
 SUMMARY = [
     ("import (python start, torch, typer, rich)", ("import", "interpreter start")),
-    ("read weights (prefetch thread, overlaps compute)", ("read:",)),
+    ("read weights (worker threads)", ("read:",)),
     ("convert bf16→fp32 + subtract + ‖V‖", ("convert", "subtract", "‖V‖", "alignment")),
-    ("matmuls (paper V (Vᵀ B), or the SVD)", ("matmul",)),
-    ("cosines and small norms", ("cosine", "score_module")),
+    ("matmuls (paper Ĉ B, or the subspace basis)", ("matmul",)),
+    ("cosines and small norms", ("cosine", "score")),
     ("adapter factors, report, writing the output", ("read adapter", "safetensors", "write",
                                                       "report", "resolve", "CLI")),
 ]  # fmt: skip
@@ -188,23 +190,24 @@ def _profile(p: Profile) -> list[str]:
             total[step] = total.get(step, 0.0) + seconds
     grand = sum(total.values()) or 1.0
     empty: dict[str, float] = {}
-    main, prefetch = p.seconds.get("main", empty), p.seconds.get("prefetch", empty)
+    main, workers = p.seconds.get("main", empty), p.seconds.get("workers", empty)
     lines = [
         f"{p.tool}, one run of the 22-layer job (`--quiet`), {p.wall_s:.1f} s wall under the "
-        f"profiler{p.settings}. Seconds are on-CPU samples per Python thread; the prefetch "
-        "thread overlaps the main thread, so the columns add up to more than the wall time."
+        f"profiler{p.settings}. Seconds are on-CPU samples per Python thread, the stream's "
+        "worker threads added together (two on 2 cores, one weight each, overlapping each other "
+        "and the main thread), so the columns add up to more than the wall time."
         + (f" {p.note}" if p.note else ""),
         "",
         "In short (on-CPU seconds, both threads):",
         "",
         *_summary(total),
         "",
-        "| step | main thread s | prefetch thread s | share of samples |",
+        "| step | main thread s | worker threads s | share of samples |",
         "|---|---:|---:|---:|",
     ]
     for step, seconds in sorted(total.items(), key=lambda item: -item[1]):
         lines.append(
-            f"| {step} | {main.get(step, 0.0):.2f} | {prefetch.get(step, 0.0):.2f} "
+            f"| {step} | {main.get(step, 0.0):.2f} | {workers.get(step, 0.0):.2f} "
             f"| {100 * seconds / grand:.0f}% |"
         )
     return lines
@@ -213,9 +216,10 @@ def _profile(p: Profile) -> list[str]:
 PHASES = [
     ("read", "read both weights into reused buffers (`read_into`)", True),
     ("align", "V = W_a − W_b in fp32 + ‖V‖ (`alignment_matrix_into`, blocked)", True),
-    ("matmul", "`paper_project`: V (Vᵀ B) / ‖V‖", False),
+    ("matmul", "`paper_project`: Ĉ B = V (Vᵀ B) / ‖V‖ (blocked, skinny factor left)", False),
     ("cosine", "factored cosine + small norms", False),
-    ("alt_matmul_1thread", "alt: `paper_project` with torch.set_num_threads(1)", False),
+    ("alt_matmul_whole", "alt: V (Vᵀ B) / ‖V‖ as two whole products (before)", False),
+    ("alt_matmul_2threads", "alt: `paper_project` with torch's 2 intra-op threads", False),
 ]
 
 
@@ -223,9 +227,11 @@ def _phases(ph: dict[str, Any]) -> list[str]:
     s = ph["seconds"]
     gb = ph["targeted_bytes"] / 1e9
     lines = [
-        f"Serial replay of the per-module work (bench/phases.py: no prefetch thread, "
-        f"{ph['threads']} torch threads) over the {ph['modules']} modules of the 22-layer job: "
-        f"{gb:.2f} GB of bf16 read, {ph['elements'] / 1e9:.2f} G elements of V.",
+        f"Serial replay of the per-module work (bench/phases.py: no worker threads, "
+        f"{ph['threads']} torch thread, as in each of the real run's workers) over the "
+        f"{ph['modules']} modules of the 22-layer job: {gb:.2f} GB of bf16 read, "
+        f"{ph['elements'] / 1e9:.2f} G elements of V. The real run shares this work between "
+        f"{ph['workers']} workers.",
         "",
         "| phase | seconds | GB/s of bf16 input |",
         "|---|---:|---:|",
@@ -236,23 +242,44 @@ def _phases(ph: dict[str, Any]) -> list[str]:
             lines.append(f"| {label} | {s[key]:.2f} | {rate} |")
     if "alt_batch_paper_1" in s:
         one = s["alt_batch_paper_1"]
-        sep, stack = s["alt_batch_paper_8_separate"], s["alt_batch_paper_8_stacked"]
         lines += [
             "",
             f"On the first {ph['sample_layers']} layers ({ph['sampled_modules']} modules), "
-            f"`paper_project` for one adapter takes {one:.2f} s; for 8 adapters, 8 calls take "
-            f"{sep:.2f} s ({sep / one:.1f}×) and one call on the stacked (out, 8r) B "
-            f"{stack:.2f} s ({stack / one:.1f}×). Subspace rank 16 (randomized SVD + U Uᵀ B), as "
-            f"shipped ({ph['power_iterations']} power iterations): {s['alt_subspace']:.2f} s "
-            f"({s['alt_subspace'] / one:.1f}× the paper matmul)"
+            f"`paper_project` for one adapter takes {one:.2f} s; for 8 adapters:",
+            "",
+            "| 8 adapters on one V | seconds | × one adapter |",
+            "|---|---:|---:|",
+            *[
+                f"| {label} | {s[key]:.2f} | {s[key] / one:.1f}× |"
+                for key, label in BATCH_ALTERNATIVES
+                if key in s
+            ],
+            "",
+            f"Subspace rank 16 (U_k from the Gram matrix or block Krylov, then U Uᵀ B) on the same "
+            f"modules, {ph['krylov_steps']} Krylov steps as shipped: {s['alt_subspace']:.2f} s "
+            f"({s['alt_subspace'] / one:.1f}× the paper products)"
             + "".join(
-                f"; with {n} iteration{'s' if n > 1 else ''}: {s[key]:.2f} s ({s[key] / one:.1f}×)"
-                for n, key in ((1, "alt_subspace_niter1"), (2, "alt_subspace_niter2"))
+                f"; {label}: {s[key]:.2f} s ({s[key] / one:.1f}×)"
+                for key, label in SUBSPACE_ALTERNATIVES
                 if key in s
             )
             + ".",
         ]
     return lines
+
+
+BATCH_ALTERNATIVES = [
+    ("alt_batch_paper_8_separate", "8 whole-matrix `paper_project` calls (before)"),
+    ("alt_batch_paper_8_blocked", "`paper_projections` on all 8 (shipped: bits as alone)"),
+    ("alt_batch_paper_8_stacked", "one call on the stacked (out, 8r) B (bits differ from alone)"),
+]
+SUBSPACE_ALTERNATIVES = [
+    ("alt_subspace_krylov4", "4 Krylov steps"),
+    (
+        "alt_subspace_before",
+        "before (full SVD up to 256 wide, else `torch.svd_lowrank` with 6 power iterations)",
+    ),
+]
 
 
 def render(ctx: Context) -> str:
@@ -263,10 +290,12 @@ def render(ctx: Context) -> str:
         "",
         f"Generated by a real run on {now}: `{ctx.command}` (what `make bench` runs), from the "
         f"repository root. Every case is a whole process, run once to warm the page cache and "
-        f"then {ctx.runs} times; wall is the median (min, max), peak RSS the largest over the "
+        f'then {ctx.runs} times (once for the cases marked "1 run", minutes each); wall is '
+        f"the median (min, max), peak RSS the largest over the "
         f'runs (MB = 10⁶ bytes). "other load" is the CPU the rest of the machine used during '
         f"the noisiest run (before each run the bench waits for the machine to be quiet): "
-        f"numbers measured with other load above ~0.3 cores on this 2-core machine are inflated.",
+        f"numbers measured with other load above ~0.3 cores on this 2-core machine are inflated. "
+        f"safelora's bytecode is compiled before measuring, as in an installed package.",
         "",
         "## Machine",
         "",
@@ -287,9 +316,14 @@ def render(ctx: Context) -> str:
         "",
         *_targets_table(ctx),
         "",
+        *(["## Notes", "", *[f"- {note}" for note in ctx.notes], ""] if ctx.notes else []),
         "## Dense reference check",
         "",
         *_check(ctx),
+        "",
+        "## Profile accuracy check",
+        "",
+        *ctx.profile_check,
         "",
         "## Where the time goes",
         "",

@@ -9,6 +9,7 @@ shard/offset order (the pipeline asks in that order).
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import AbstractContextManager
 from io import FileIO
 from pathlib import Path
@@ -40,6 +41,7 @@ class TensorReader(AbstractContextManager["TensorReader"]):
     def __init__(self) -> None:
         self._handles: dict[Path, Any] = {}
         self._files: dict[Path, FileIO] = {}
+        self._opening = threading.Lock()  # ``read`` is called from the stream's worker threads
 
     def read_into(self, info: TensorInfo, raw: torch.Tensor) -> torch.Tensor:
         """Read the tensor ``info`` describes into ``raw`` and return it as stored.
@@ -84,10 +86,14 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         return raw[: info.nbytes].view(TORCH_DTYPES[info.dtype]).view(info.shape)
 
     def read(self, info: TensorInfo) -> torch.Tensor:
-        """Return the tensor ``info`` describes, as stored (dtype and shape of the file)."""
-        handle = self._handles.get(info.path)
-        if handle is None:
-            handle = self._open(info.path)
+        """Return the tensor ``info`` describes, as stored (dtype and shape of the file).
+
+        Safe to call from several threads (``read_into`` is not: it seeks a shared file).
+        """
+        with self._opening:
+            handle = self._handles.get(info.path)
+            if handle is None:
+                handle = self._open(info.path)
         try:
             tensor: torch.Tensor = handle.get_tensor(info.name)
         except Exception as exc:  # safetensors raises its own untyped errors

@@ -60,15 +60,26 @@ def build_profile(
         for done, (name, v, v_norm) in enumerate(items, start=1):
             if name in entries:
                 raise ValueError(f"weight {name!r} given twice")
-            if not math.isfinite(v_norm):
-                raise NumericalError(
-                    f"{name}: V = aligned − base holds NaN or Inf",
-                    "a checkpoint is damaged or out of range; fetch it again",
-                )
-            entries[name] = _to_cpu(decompose(v, v_norm, rule, method))
+            entries[name] = profile_entry(name, v, v_norm, rule, method)
             if progress is not None:
                 progress(done, total, name)
     return entries
+
+
+def profile_entry(
+    name: str, v: torch.Tensor, v_norm: float, rule: RankRule = DEFAULT_RULE, method: str = AUTO
+) -> LowRank:
+    """One weight's entry, on the CPU (V may be a reused buffer: nothing keeps a reference).
+
+    Raises:
+        NumericalError: a V holding NaN or Inf (its ‖V‖_F is not finite).
+    """
+    if not math.isfinite(v_norm):
+        raise NumericalError(
+            f"{name}: V = aligned − base holds NaN or Inf",
+            "a checkpoint is damaged or out of range; fetch it again",
+        )
+    return _to_cpu(decompose(v, v_norm, rule, method))
 
 
 def _to_cpu(entry: LowRank) -> LowRank:

@@ -3,14 +3,15 @@
 The weights profiled are those a run can need: by default every 2-D weight of the repeated
 blocks (all an adapter can target there), or ``--targets`` (``full_targets``: names, a regex or
 all-linear; name ``lm_head`` or the embeddings to include them). Each V = W_aligned − W_base comes
-from ``stream.alignment_stream`` in the module's (out, in) orientation (Conv1D weights are
-transposed, and recorded as such), is decomposed under the rank rule (``lowrank.decompose``),
-and the file is written by ``profile_build.write_profile``: complete under its name, or absent.
+from ``stream.map_alignment`` in the module's (out, in) orientation (Conv1D weights are
+transposed, and recorded as such) and is decomposed under the rank rule (``lowrank.decompose``)
+in the stream's worker threads, two weights at once on two cores (the eigensolver runs
+single-threaded in each); the file is written by ``profile_build.write_profile``: complete under
+its name, or absent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,24 +21,32 @@ import torch
 from safelora_cli.full_targets import FullPair, Targets, pair_full_weights
 from safelora_cli.index import TensorInfo, index_folder
 from safelora_cli.job import PathLike, check_inputs_pair
-from safelora_cli.lowrank import RankRule
+from safelora_cli.lowrank import LowRank, RankRule
 from safelora_cli.notices import Notices, NotifyFn
 from safelora_cli.pairing import MODEL_CONFIG
 from safelora_cli.profile import read_profile
-from safelora_cli.profile_build import build_profile, check_profile_output, write_profile
+from safelora_cli.profile_build import check_profile_output, profile_entry, write_profile
 from safelora_cli.profile_summary import describe
 from safelora_cli.resolve import resolve
 from safelora_cli.scoring import ProgressFn
 from safelora_cli.smallfiles import load_json
-from safelora_cli.stream import alignment_stream
+from safelora_cli.stream import map_alignment
 
 
 @dataclass(frozen=True)
 class _Pair:
-    """(W_base, W_aligned) as a ``stream.Difference``."""
+    """A weight to profile as a ``stream.Difference``: (W_base, W_aligned)."""
 
-    base: TensorInfo
-    aligned: TensorInfo
+    pair: FullPair
+
+    @property
+    def base(self) -> TensorInfo:
+        assert self.pair.base is not None  # paired against a base model
+        return self.pair.base
+
+    @property
+    def aligned(self) -> TensorInfo:
+        return self.pair.aligned
 
 
 def make_profile(
@@ -86,9 +95,7 @@ def make_profile(
         model_type if isinstance(model_type, str) else None,
     )
     check_profile_output(output, force)
-    entries = build_profile(
-        _items(pairs, device or torch.device("cpu"), progress), rule, total=len(pairs)
-    )
+    entries = _entries(pairs, rule, device or torch.device("cpu"), progress)
     inputs = {"base": base_input.describe(), "aligned": aligned_input.describe()}
     transposed = {pair.name for pair in pairs if pair.transpose}
     write_profile(output, entries, inputs, rule, transposed=transposed, force=force)
@@ -97,18 +104,21 @@ def make_profile(
     return summary
 
 
-def _items(
-    pairs: list[FullPair], device: torch.device, progress: ProgressFn | None
-) -> Iterator[tuple[str, torch.Tensor, float]]:
-    """(weight, V in the module's orientation, ‖V‖_F) for each pair, streamed."""
-    diffs = []
-    for pair in pairs:
-        assert pair.base is not None  # paired against a base model
-        diffs.append(_Pair(pair.base, pair.aligned))
+def _entries(
+    pairs: list[FullPair], rule: RankRule, device: torch.device, progress: ProgressFn | None
+) -> dict[str, LowRank]:
+    """weight -> its entry, for each pair in order: V streamed in the module's orientation."""
+
+    def entry(diff: _Pair, v: torch.Tensor, v_norm: float) -> LowRank:
+        pair = diff.pair
+        return profile_entry(pair.name, v.T if pair.transpose else v, v_norm, rule)
+
+    diffs = [_Pair(pair) for pair in pairs]
     total = sum(d.base.nbytes + d.aligned.nbytes for d in diffs)
-    done = 0
-    for pair, (diff, v, v_norm) in zip(pairs, alignment_stream(diffs, device), strict=True):
-        yield pair.name, (v.T if pair.transpose else v), v_norm
+    done, entries = 0, {}
+    for diff, found in zip(diffs, map_alignment(diffs, device, entry), strict=True):
+        entries[diff.pair.name] = found
         done += diff.base.nbytes + diff.aligned.nbytes
         if progress is not None:
-            progress(done, total, pair.name)
+            progress(done, total, diff.pair.name)
+    return entries

@@ -22,11 +22,11 @@ from safelora_cli.job import AdapterJob, Job
 from safelora_cli.loader import TORCH_DTYPES, TensorReader
 from safelora_cli.notices import Notices
 from safelora_cli.pairing import ModulePair
-from safelora_cli.projection import ModuleScore, score_module
+from safelora_cli.projection import ModuleScore, score_modules
 from safelora_cli.provenance import check_scores, refuse
 from safelora_cli.selection import select_modules
-from safelora_cli.settings import Settings
-from safelora_cli.stream import alignment_stream
+from safelora_cli.settings import ProjectionSpec, Settings
+from safelora_cli.stream import map_alignment
 from safelora_cli.writer import cast_checked
 
 if TYPE_CHECKING:
@@ -115,6 +115,33 @@ def _non_finite_weight(pair: ModulePair) -> NumericalError:
     )
 
 
+def _score_group(
+    group: list[tuple[int, ModulePair]],
+    v: torch.Tensor,
+    v_norm: float,
+    spec: ProjectionSpec,
+    reader: TensorReader,
+) -> list[ModuleScore]:
+    """Scores of a group's modules (every adapter module on one weight), in group order; one
+    product for all of them, their B's stacked (``score_modules``)."""
+    if not math.isfinite(v_norm):
+        raise _non_finite_weight(group[0][1])
+    found: dict[int, ModuleScore] = {}
+    for transpose in (False, True):
+        indices = [i for i, (_, pair) in enumerate(group) if pair.transpose == transpose]
+        factors = [
+            (
+                read_factor(reader, pair.lora.a, v.device),
+                read_factor(reader, pair.lora.b, v.device),
+            )
+            for pair in (group[i][1] for i in indices)
+        ]
+        if factors:
+            scored = score_modules(v.T if transpose else v, factors, spec, v_norm)
+            found.update(zip(indices, scored, strict=True))
+    return [found[i] for i in range(len(group))]
+
+
 def compute_scores(
     job: Job, device: torch.device, progress: ProgressFn | None = None
 ) -> list[dict[str, ModuleScore]]:
@@ -122,26 +149,24 @@ def compute_scores(
 
     Returns:
         For each adapter of the job, module name -> score.
-    Memory: about two weights' V at a time, plus the adapters' projected B's.
+    Memory: about ``stream.WORKERS`` weights' V at a time, plus the adapters' projected B's.
     """
     scores: list[dict[str, ModuleScore]] = [{} for _ in job.adapters]
     groups = _weight_groups(job)
     leaders = [group[0][1] for group in groups]
+    by_weight = {leader.base.name: group for leader, group in zip(leaders, groups, strict=True)}
     spec = job.settings.projection_spec
     total = sum(pair.base.nbytes + pair.aligned.nbytes for pair in leaders)
     done = 0
-    with torch.inference_mode(), TensorReader() as adapter_reader:
-        for group, (leader, v, v_norm) in zip(
-            groups, alignment_stream(leaders, device), strict=True
-        ):
-            for adapter_index, pair in group:
-                a = read_factor(adapter_reader, pair.lora.a, device)
-                b = read_factor(adapter_reader, pair.lora.b, device)
-                score = score_module(v.T if pair.transpose else v, a, b, spec, v_norm)
-                if not math.isfinite(score.v_norm):
-                    raise _non_finite_weight(pair)
-                scores[adapter_index][pair.name] = score
-            del v
+    with TensorReader() as adapter_reader:
+
+        def score(leader: ModulePair, v: torch.Tensor, v_norm: float) -> list[ModuleScore]:
+            return _score_group(by_weight[leader.base.name], v, v_norm, spec, adapter_reader)
+
+        for group, group_scores in zip(groups, map_alignment(leaders, device, score), strict=True):
+            for (adapter_index, pair), module_score in zip(group, group_scores, strict=True):
+                scores[adapter_index][pair.name] = module_score
+            leader = group[0][1]
             done += leader.base.nbytes + leader.aligned.nbytes
             if progress is not None:
                 progress(done, total, leader.base.name)

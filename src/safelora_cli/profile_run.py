@@ -5,9 +5,10 @@ blocks (all an adapter can target there), or ``--targets`` (``full_targets``: na
 all-linear; name ``lm_head`` or the embeddings to include them). Each V = W_aligned − W_base comes
 from ``stream.map_alignment`` in the module's (out, in) orientation (Conv1D weights are
 transposed, and recorded as such) and is decomposed under the rank rule (``lowrank.decompose``)
-in the stream's worker threads, two weights at once on two cores (the eigensolver runs
-single-threaded in each); the file is written by ``profile_build.write_profile``: complete under
-its name, or absent.
+in the stream's worker threads, two weights at once on two cores, each single-threaded
+(32-33 s against 36-40 s for the 6-layer bench pair with torch's two threads on one weight at a
+time, for about 100 MB more); the file is written by ``profile_build.write_profile``: complete
+under its name, or absent.
 """
 
 from __future__ import annotations

@@ -162,6 +162,7 @@ def measure(
     optional: bool = False,
     output: Path | None = None,
     wait_idle_s: float = 0.0,
+    settle: bool = False,
 ) -> Measurement:
     """Warm up once, then run ``runs`` times.
 
@@ -170,11 +171,16 @@ def measure(
             CLI does not have yet) instead of an error.
         output: a folder the command creates; removed before every run (the last one is kept).
         wait_idle_s: before each run, wait up to this long for the machine to be quiet.
+        settle: before each run, write back the dirty pages of the runs before (``os.sync``):
+            for cases that write gigabytes, whose time otherwise depends on the writeback the
+            case before left.
     """
     result = Measurement(case, command)
     for k in range(runs + 1):
         if output is not None:
             shutil.rmtree(output, ignore_errors=True)
+        if settle:
+            os.sync()
         if wait_idle_s > 0:
             wait_for_idle(wait_idle_s)
         sample = run_once(command)

@@ -43,6 +43,7 @@ class Case:
     optional: bool = False  # a feature being built: a rejected invocation is "not available"
     output: Path | None = None
     runs: int | None = None  # None: --runs; fewer for the cases that take minutes
+    settle: bool = False  # sync before each run (cases that write a whole model)
 
 
 def _rel(path: str | Path) -> str:
@@ -65,9 +66,9 @@ def cases(full: Built, part: Built, finetune: Path) -> list[Case]:
     dense_out = OUT / "dense-6"
     more = [
         Case(key, label + (f" ({runs} run)" if runs == 1 else ""), command, output=output,
-             runs=runs)
-        for key, label, command, output, runs in case_specs(safelora_command(), full, part,
-                                                            finetune)
+             runs=runs, settle=settle)
+        for key, label, command, output, runs, settle in case_specs(safelora_command(), full,
+                                                                    part, finetune)
     ]  # fmt: skip
     return [
         Case("help", "`safelora --help`", [*safelora_command(), "--help"]),
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{case.key}: {shlex.join(case.command)}")
         measured[case.key] = measure(
             case.label, case.command, case.runs or args.runs, optional=case.optional,
-            output=case.output,
+            output=case.output, settle=case.settle,
             wait_idle_s=args.wait_idle,
         )  # fmt: skip
     check = None

@@ -228,6 +228,24 @@ def test_an_fp16_overflow_is_refused_naming_the_weight() -> None:
     assert "float16" in caught.value.one_line()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_sum_is_refused_exactly_when_its_cast_is_not_finite(dtype: torch.dtype) -> None:
+    """The check on the float32 sum agrees with isfinite on the cast, at the rounding boundary
+    (for float16, 65519.996 rounds to 65504 and 65520 to Inf) and for NaN/Inf."""
+    limit = torch.tensor(delta.finite_limit(dtype))
+    below = float(torch.nextafter(limit, torch.tensor(0.0)))
+    zero = delta.Factored(torch.zeros(2, 1), torch.zeros(1, 2))
+    for value in (below, -below, float(limit), -float(limit), math.inf, math.nan, 1.0):
+        w = torch.full((2, 2), value)
+        finite = bool(torch.isfinite(w.to(dtype)).all())
+        if finite:
+            got = delta.add_delta(w, zero, dtype, "w")
+            assert torch.equal(got, w.to(dtype))
+        else:
+            with pytest.raises(NumericalError):
+                delta.add_delta(w, zero, dtype, "w")
+
+
 def test_shapes_that_do_not_match_are_refused() -> None:
     v = low_rank(16, 24, 2, seed=14)
     with pytest.raises(ValueError, match="differ in shape"):

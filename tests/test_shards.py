@@ -6,11 +6,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from io import FileIO
 from pathlib import Path
 
 import pytest
 import torch
 
+from safelora_cli import shards
 from safelora_cli.errors import CorruptFileError
 from safelora_cli.index import INDEX_NAME, TensorIndex, index_folder
 from safelora_cli.loader import TORCH_DTYPES
@@ -168,31 +170,59 @@ def test_an_exception_leaves_nothing_and_finalize_refuses(model: Path, tmp_path:
 def test_disk_full_while_copying_a_shard_leaves_nothing(
     model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The last shard fills the disk halfway: in replace (one shard) or finalize (three)."""
+    """The last shard's copy fills the disk halfway, in finalize: nothing is left."""
     index = index_folder(model)
     out = tmp_path / "out"
     out.mkdir()
-    copies = []
-    copyfile = shutil.copyfile
+    targets = []
+    copy_range = shards.copy_range
 
-    def copy_then_fill(src: Path, dst: Path) -> None:
-        copies.append(dst)
-        if len(copies) == len(index.files):
-            dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-        copyfile(src, dst)
+    def copy_then_fill(source: FileIO, target: FileIO, start: int, stop: int) -> None:
+        targets.append(target.name)
+        if Path(target.name).name == index.files[-1].name:
+            copy_range(source, target, start, start + (stop - start) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), target.name)
+        copy_range(source, target, start, stop)
 
     def write() -> None:
         with ShardWriter(index, out) as writer:
             writer.replace(index.tensors[Q], new_value(index, Q, 1))
             writer.finalize()
 
-    monkeypatch.setattr(shutil, "copyfile", copy_then_fill)
+    monkeypatch.setattr(shards, "copy_range", copy_then_fill)
     with pytest.raises(OSError, match="No space left") as caught:
         write()
     assert caught.value.errno == errno.ENOSPC
-    assert len(copies) == len(index.files)
+    assert {Path(t).name for t in targets} == {p.name for p in index.files}
     assert list(out.iterdir()) == []
+
+
+def test_every_byte_is_written_once_and_the_rest_copied(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the ranges no replacement covers are copied from the source: a replaced tensor's
+    bytes are not copied first and overwritten after."""
+    index = index_folder(model)
+    out = tmp_path / "out"
+    out.mkdir()
+    copied: list[tuple[str, int, int]] = []
+    copy_range = shards.copy_range
+
+    def record(source: FileIO, target: FileIO, start: int, stop: int) -> None:
+        copied.append((Path(target.name).name, start, stop))
+        copy_range(source, target, start, stop)
+
+    monkeypatch.setattr(shards, "copy_range", record)
+    info = index.tensors[Q]
+    with ShardWriter(index, out) as writer:
+        writer.replace(info, new_value(index, Q, 1))
+        writer.finalize()
+    mine = [(start, stop) for name, start, stop in copied if name == info.path.name]
+    assert all(stop <= info.offset or start >= info.offset + info.nbytes for start, stop in mine)
+    assert sum(stop - start for start, stop in mine) == info.file_size - info.nbytes
+    rest = [p for p in index.files if p != info.path]
+    for path in rest:
+        assert (out / path.name).read_bytes() == path.read_bytes()
 
 
 def test_a_shard_changed_since_it_was_indexed_is_refused(model: Path, tmp_path: Path) -> None:

@@ -83,16 +83,29 @@ def add_delta(weight: torch.Tensor, delta: Factored, dtype: torch.dtype, name: s
         raise ValueError(f"{name}: update {list(delta.shape)} for a {list(weight.shape)} weight")
     out = torch.empty(weight.shape, dtype=dtype)
     device = delta.left.device
+    limit = finite_limit(dtype)
     bad = torch.zeros((), dtype=torch.bool, device=device)  # one sync, at the end
     for start, block in delta.row_blocks():
         stop = start + block.shape[0]
         block.add_(weight[start:stop].to(device, torch.float32, non_blocking=True))
-        cast = block.to(dtype)
-        bad |= ~torch.isfinite(cast).all()
-        out[start:stop].copy_(cast)
+        # one float32 reduction instead of isfinite over the cast (2.2 s of a 22-layer merge);
+        # NaN fails both comparisons
+        low, high = torch.aminmax(block)
+        bad |= ~((low > -limit) & (high < limit))
+        out[start:stop].copy_(block)  # cast to dtype
     if bool(bad):
         raise_overflow(name, dtype)
     return out
+
+
+def finite_limit(dtype: torch.dtype) -> float:
+    """The least magnitude that rounds to ±Inf when cast to ``dtype`` (round to nearest even:
+    max + half an ulp of max, e.g. 65520 for float16); Inf for float32 and float64 (from
+    float32 values)."""
+    info = torch.finfo(dtype)
+    ulp = info.eps * info.max / (2.0 - info.eps)  # the spacing of the top binade
+    limit = info.max + ulp / 2.0
+    return limit if dtype not in (torch.float32, torch.float64) else float("inf")
 
 
 def cast_finite(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:

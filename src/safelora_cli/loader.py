@@ -30,8 +30,20 @@ TORCH_DTYPES = {
 }
 
 
+_SEEKING = threading.Lock()  # where there is no pread: one seek-and-read at a time
+
+
+def _read_at(fh: FileIO, target: memoryview, offset: int) -> int:
+    """Read into ``target`` from ``offset`` without moving a position other threads share."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fh.fileno(), [target], offset)
+    with _SEEKING:  # pragma: no cover (Windows)
+        fh.seek(offset)
+        return fh.readinto(target) or 0
+
+
 class TensorReader(AbstractContextManager["TensorReader"]):
-    """Reads tensors described by ``TensorInfo`` from their files, memory-mapped.
+    """Reads tensors described by ``TensorInfo`` from their files, with plain reads.
 
     Example:
         >>> with TensorReader() as reader:
@@ -44,7 +56,8 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         self._opening = threading.Lock()  # ``read`` is called from the stream's worker threads
 
     def read_into(self, info: TensorInfo, raw: torch.Tensor) -> torch.Tensor:
-        """Read the tensor ``info`` describes into ``raw`` and return it as stored.
+        """Read the tensor ``info`` describes into ``raw`` and return it as stored; safe to call
+        from several threads, each with its own ``raw``.
 
         Args:
             info: a float tensor from a validated index (offsets checked against the file size).
@@ -56,19 +69,10 @@ class TensorReader(AbstractContextManager["TensorReader"]):
         """
         target = memoryview(cast(Any, raw[: info.nbytes].numpy()))  # numpy shares the memory
         try:
-            fh = self._files.get(info.path)
-            if fh is None:
-                fh = self._files[info.path] = info.path.open("rb", buffering=0)
-                if os.fstat(fh.fileno()).st_size != info.file_size:
-                    raise CorruptFileError(
-                        f"{info.path}: size changed since it was indexed; the file changed "
-                        "during the run",
-                        "run again once it is stable",
-                    )
-            fh.seek(info.offset)
+            fh = self._file(info)
             done = 0
             while done < info.nbytes:
-                count = fh.readinto(target[done:])
+                count = _read_at(fh, target[done:], info.offset + done)
                 if not count:
                     break
                 done += count
@@ -88,8 +92,12 @@ class TensorReader(AbstractContextManager["TensorReader"]):
     def read(self, info: TensorInfo) -> torch.Tensor:
         """Return the tensor ``info`` describes, as stored (dtype and shape of the file).
 
-        Safe to call from several threads (``read_into`` is not: it seeks a shared file).
+        Float tensors are plain reads into a new buffer: no page of the file stays mapped, so a
+        pass over a whole model (a merge) does not hold it in memory. Other dtypes (``inspect``
+        on anything) go through safetensors. Safe to call from several threads.
         """
+        if info.dtype in TORCH_DTYPES:
+            return self.read_into(info, torch.empty(info.nbytes, dtype=torch.uint8))
         with self._opening:
             handle = self._handles.get(info.path)
             if handle is None:
@@ -114,6 +122,22 @@ class TensorReader(AbstractContextManager["TensorReader"]):
                 "the file was changed during the run; run again once it is stable",
             )
         return tensor
+
+    def _file(self, info: TensorInfo) -> FileIO:
+        """The open file of ``info``, its size checked against the index when first opened."""
+        with self._opening:
+            fh = self._files.get(info.path)
+            if fh is None:
+                fh = info.path.open("rb", buffering=0)
+                if os.fstat(fh.fileno()).st_size != info.file_size:
+                    fh.close()
+                    raise CorruptFileError(
+                        f"{info.path}: size changed since it was indexed; the file changed "
+                        "during the run",
+                        "run again once it is stable",
+                    )
+                self._files[info.path] = fh
+            return fh
 
     def _open(self, path: Path) -> Any:
         try:

@@ -2,9 +2,11 @@
 
 A replaced tensor keeps its dtype and shape, so every output shard is the source shard with those
 byte ranges overwritten: headers, untouched tensors, shard names, the index and the sidecar files
-(config, generation config, tokenizer) are the source's, byte for byte. A shard is copied (by the
-kernel, ``shutil.copyfile``) when its first tensor is replaced, and each replacement is written as
-soon as it is given, so memory stays O(one tensor) whatever the model size.
+(config, generation config, tokenizer) are the source's, byte for byte. Each replacement is
+written at its offset as soon as it is given (memory stays O(one tensor) whatever the model size);
+``finalize`` then copies, by the kernel (``os.copy_file_range``), only the byte ranges of each
+shard that no replacement covered: every byte is written once. (Copying whole shards first and
+overwriting them wrote a merged 22-layer model's bytes twice: 5.3 s of a 13 s merge.)
 
 The caller owns the folder: normally a staging folder (``writer.OutputFolder``) it publishes
 atomically once ``finalize`` has returned, and into which it copies the sidecar files (config,
@@ -14,7 +16,7 @@ generation config, tokenizer, the index) under ``sidecars.py``'s policy.
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Iterator
 from io import FileIO
 from pathlib import Path
 from types import TracebackType
@@ -45,6 +47,7 @@ class ShardWriter:
         self.replaced: set[str] = set()
         self._handles: dict[Path, FileIO] = {}
         self._sizes = {info.path: info.file_size for info in source.tensors.values()}
+        self._written: dict[Path, list[tuple[int, int]]] = {}  # per source shard: (start, stop)
         self._created: list[Path] = []
         self._state = "open"  # "open" -> "finalized" | "failed"
 
@@ -85,17 +88,19 @@ class ShardWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         try:
             handle = self._shard(info.path)
-            handle.seek(info.offset)
             view = memoryview(cast(Any, data.numpy()))
+            offset = info.offset
             while view:  # unbuffered: on disk (in the page cache) when replace returns
-                view = view[handle.write(view) :]
+                count = os.pwrite(handle.fileno(), view, offset)
+                view, offset = view[count:], offset + count
         except BaseException:
             self._fail()
             raise
         self.replaced.add(info.name)
+        self._written[info.path].append((info.offset, info.offset + info.nbytes))
 
     def finalize(self) -> list[Path]:
-        """Copy every shard not touched; check every shard's size.
+        """Copy what no replacement covered, from every shard; check every shard's size.
 
         Returns:
             The shards written.
@@ -105,7 +110,12 @@ class ShardWriter:
         self._check_open()
         try:
             for path in self.source.files:
-                self._shard(path)
+                handle = self._shard(path)
+                with path.open("rb", buffering=0) as source:
+                    for start, stop in _gaps(
+                        self._written[path], os.fstat(handle.fileno()).st_size
+                    ):
+                        copy_range(source, handle, start, stop)
             self._close()
             for path in self.source.files:
                 self._check_size(path, self.output / path.name)
@@ -120,17 +130,18 @@ class ShardWriter:
             raise RuntimeError(f"ShardWriter for {self.output} is {self._state}")
 
     def _shard(self, source: Path) -> FileIO:
+        """The output shard of ``source``, created at the source's size (a sparse file, filled
+        by the replacements, then by ``finalize``)."""
         handle = self._handles.get(source)
         if handle is None:
             target = self.output / source.name
-            self._copy(source, target)
-            self._check_size(source, target)
-            handle = self._handles[source] = target.open("r+b", buffering=0)
+            size = os.stat(source).st_size
+            self._check_size(source, source)  # changed since it was indexed: refused here
+            self._created.append(target)  # before writing: a partial shard is removed too
+            handle = self._handles[source] = target.open("xb", buffering=0)
+            os.ftruncate(handle.fileno(), size)
+            self._written[source] = []
         return handle
-
-    def _copy(self, source: Path, target: Path) -> None:
-        self._created.append(target)  # before copying: a partial copy is removed too
-        shutil.copyfile(source, target)
 
     def _check_size(self, source: Path, target: Path) -> None:
         expected = self._sizes.get(source)  # a shard that holds no tensor has nothing to check
@@ -154,3 +165,39 @@ class ShardWriter:
         finally:
             for path in self._created:
                 path.unlink(missing_ok=True)
+
+
+def _gaps(written: list[tuple[int, int]], size: int) -> Iterator[tuple[int, int]]:
+    """The byte ranges of [0, size) that no (start, stop) of ``written`` covers."""
+    position = 0
+    for start, stop in sorted(written):
+        if start > position:
+            yield position, start
+        position = max(position, stop)
+    if position < size:
+        yield position, size
+
+
+def copy_range(source: FileIO, target: FileIO, start: int, stop: int) -> None:
+    """Copy bytes [start, stop) of ``source`` to the same offsets of ``target``, in the kernel
+    where it can (``os.copy_file_range``), else through a buffer.
+
+    Raises:
+        CorruptFileError: ``source`` ends early (it changed since it was indexed).
+        OSError: writing failed (disk full included).
+    """
+    position = start
+    while position < stop:
+        count = min(stop - position, 1 << 30)
+        if hasattr(os, "copy_file_range"):
+            done = os.copy_file_range(source.fileno(), target.fileno(), count, position, position)
+        else:  # pragma: no cover (not Linux)
+            data = os.pread(source.fileno(), min(count, 1 << 24), position)
+            done = os.pwrite(target.fileno(), data, position) if data else 0
+        if done == 0:
+            raise CorruptFileError(
+                f"{source.name}: ends at byte {position}, {stop} expected; the file changed "
+                "during the run",
+                "run again once it is stable",
+            )
+        position += done

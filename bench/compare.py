@@ -23,19 +23,21 @@ import statistics
 import sys
 from pathlib import Path
 
-from fixtures import FULL, SLICE, ensure
+from fixtures import FULL, SLICE, ensure, ensure_finetune
 from measure import IDLE_CORES, Sample, log, run_once, wait_for_idle
 from run import CACHE, REPO, cases
 
 RETRIES = 4
 
 
-def measure_pair(command: list[str], src: Path, output: Path | None) -> Sample:
-    """One quiet run of ``command`` with ``src`` first on PYTHONPATH."""
+def measure_pair(command: list[str], src: Path, output: Path | None, settle: bool) -> Sample:
+    """One quiet run of ``command`` with ``src`` first on PYTHONPATH (``settle``: sync first)."""
     os.environ["PYTHONPATH"] = str(src.resolve())
     for _ in range(RETRIES + 1):
         if output is not None:
             shutil.rmtree(output, ignore_errors=True)
+        if settle:
+            os.sync()
         wait_for_idle(120.0)
         sample = run_once(command)
         if sample.rc != 0:
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sources", nargs="+", metavar="LABEL=SRC")
     args = parser.parse_args(argv)
     os.chdir(REPO)
-    known = {case.key: case for case in cases(ensure(CACHE, FULL), ensure(CACHE, SLICE))}
+    full, part = ensure(CACHE, FULL), ensure(CACHE, SLICE)
+    known = {case.key: case for case in cases(full, part, ensure_finetune(part))}
     wanted = args.cases.split(",")
     if unknown := [key for key in wanted if key not in known]:
         parser.error(f"unknown case(s) {unknown}; known: {', '.join(known)}")
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, list[Sample]] = {name: [] for name, _, _ in pairs}
     for k in range(args.runs):
         for name, case, src in pairs:
-            sample = measure_pair(case.command, src, case.output)
+            sample = measure_pair(case.command, src, case.output, case.settle)
             samples[name].append(sample)
             log(
                 f"round {k + 1}: {name}: {sample.wall_s:.2f} s, cpu {sample.cpu_s:.2f} s, "

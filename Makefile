@@ -37,6 +37,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 bench: $(STAMP)
+	$(PY) -m pip install -q py-spy || echo "py-spy not installed: the profile falls back to cProfile (main thread only)"
 	$(PY) bench/run.py
 
 clean:

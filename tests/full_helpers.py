@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,17 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def json_of(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def load_in_transformers(folder: Path) -> Any:
+    """The model folder loaded by transformers, asserting no missing, unexpected or mismatched
+    key: what we write loads as it is."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    return model

@@ -16,7 +16,15 @@ from safelora_cli.profile import SCHEMA_VERSION
 from safelora_cli.resolve import PROFILE_NAME
 from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapter, make_pair
 from tests.conftest import Trio, TrioFactory
-from tests.helpers import REPORT, WEIGHTS, assert_error, cache_repo, invoke, leftovers
+from tests.helpers import (
+    REPORT,
+    WEIGHTS,
+    assert_error,
+    cache_repo,
+    edit_tensors,
+    invoke,
+    leftovers,
+)
 
 
 def make_profile(trio: Trio, path: Path, *extra: str) -> dict[str, object]:
@@ -184,6 +192,24 @@ def test_profile_command_writes_atomically_and_describes(trio: Trio, tmp_path: P
         [f"{m}.weight" for m in trio.modules if m.endswith("q_proj")] + ["lm_head.weight"]
     )
     assert leftovers(tmp_path) == []
+
+
+def test_a_weight_holding_nan_is_exit_5_and_nothing_is_written(tmp_path: Path) -> None:
+    """The error is raised in a worker thread of the stream, mid-run: it still ends the run
+    with its own exit code, and no profile file (or staging file) is left."""
+    base, aligned = make_pair(tmp_path, PairSpec(seed=9))
+    weight = "model.layers.1.mlp.up_proj.weight"
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[weight][3, 5] = float("nan")
+
+    edit_tensors(aligned / "model.safetensors", poison)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = invoke(["profile", "--base", str(base), "--aligned", str(aligned),
+                     "--output", str(out / "p.safetensors")])  # fmt: skip
+    assert_error(result, ExitCode.NUMERICAL, weight)
+    assert list(out.iterdir()) == []
 
 
 def test_a_batch_and_the_gate_through_one_profile(tmp_path: Path) -> None:

@@ -238,3 +238,16 @@ def test_a_shard_changed_since_it_was_indexed_is_refused(model: Path, tmp_path: 
     ):
         writer.replace(info, new_value(index, DOWN, 1))
     assert list(out.iterdir()) == []
+
+
+def test_a_source_that_ends_early_while_copying_is_refused(tmp_path: Path) -> None:
+    """A shard cut short after it was indexed: the range copy names it instead of leaving zeros."""
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_bytes(b"x" * 100)
+    with (
+        source.open("rb", buffering=0) as src,
+        target.open("wb", buffering=0) as dst,
+        pytest.raises(CorruptFileError, match="ends at byte 100, 160 expected"),
+    ):
+        shards.copy_range(src, dst, 40, 160)
+    assert target.read_bytes()[40:] == b"x" * 60

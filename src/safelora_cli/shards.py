@@ -140,7 +140,7 @@ class ShardWriter:
         handle = self._handles.get(source)
         if handle is None:
             target = self.output / source.name
-            self._check_size(source, source)  # changed since it was indexed: refused here
+            self._check_size(source, source)  # changed since it was indexed: refused now
             self._sources[source] = source.open("rb", buffering=0)
             self._created.append(target)  # before writing: a partial shard is removed too
             handle = self._handles[source] = target.open("xb", buffering=0)
@@ -148,6 +148,8 @@ class ShardWriter:
         return handle, self._sources[source]
 
     def _check_size(self, source: Path, target: Path) -> None:
+        """``target`` (the source itself, or its output copy) must have the size ``source`` had
+        when it was indexed."""
         expected = self._sizes.get(source)  # a shard that holds no tensor has nothing to check
         size = os.stat(target).st_size
         if expected is not None and size != expected:

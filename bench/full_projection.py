@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from safelora_cli.full import merged_weight, project_delta, score_delta
-from safelora_cli.projection import ProjectionSpec
+from safelora_cli.math.full import merged_weight, project_delta, score_delta
+from safelora_cli.math.projection import ProjectionSpec
 
 TINYLLAMA = ["2048x2048", "256x2048", "5632x2048", "2048x5632"]
 LLAMA7B_LAYER = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}  # shape -> count per layer

@@ -1,7 +1,7 @@
 """Phase breakdown of safelora's hot path, one step at a time, on one fixture.
 
 py-spy (profiling.py) shows where the real run spends its time, spread over threads. This script
-replays the per-module work serially with the library's own functions (``safelora_cli.stream`` /
+replays the per-module work serially with the library's own functions (``sources.stream`` /
 ``projection``), with torch single-threaded as in each of the stream's workers, and times each
 step apart:
 
@@ -37,16 +37,17 @@ from typing import Any
 
 import torch
 
-from safelora_cli import projection, stream
-from safelora_cli.loader import TensorReader
-from safelora_cli.pairing import ModulePair
-from safelora_cli.pipeline import Settings, prepare
-from safelora_cli.projection import (
+from safelora_cli.api import Settings, prepare
+from safelora_cli.inputs.loader import TensorReader
+from safelora_cli.inputs.pairing import ModulePair
+from safelora_cli.math import projection
+from safelora_cli.math.projection import (
     factored_cosine,
     paper_project,
     paper_projections,
     subspace_basis,
 )
+from safelora_cli.sources import stream
 
 BATCH = 8
 THREADS = torch.get_num_threads()  # all cores, before the replay goes single-threaded

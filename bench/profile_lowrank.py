@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from safelora_cli.loader import TensorReader
-from safelora_cli.lowrank import AUTO, EXACT, RANDOMIZED, LowRank, RankRule, decompose
-from safelora_cli.lowrank_score import score_entry
-from safelora_cli.profile import load_entry, read_profile
-from safelora_cli.profile_build import build_profile, write_profile
-from safelora_cli.projection import score_module
+from safelora_cli.inputs.loader import TensorReader
+from safelora_cli.math.lowrank import AUTO, EXACT, RANDOMIZED, LowRank, RankRule, decompose
+from safelora_cli.math.lowrank_score import score_entry
+from safelora_cli.math.projection import score_module
+from safelora_cli.runs.profile_build import build_profile, write_profile
+from safelora_cli.sources.profile import load_entry, read_profile
 
 SHAPES = {"q/o_proj": (2048, 2048), "k/v_proj": (256, 2048),
           "gate/up_proj": (5632, 2048), "down_proj": (2048, 5632)}  # fmt: skip

@@ -72,8 +72,8 @@ def cases(full: Built, part: Built, finetune: Path) -> list[Case]:
     ]  # fmt: skip
     return [
         Case("help", "`safelora --help`", [*safelora_command(), "--help"]),
-        Case("import", "`import safelora_cli.pipeline` (torch)",
-             [python, "-c", "import safelora_cli.pipeline"]),
+        Case("import", "`import safelora_cli.api` (torch)",
+             [python, "-c", "import safelora_cli.api"]),
         Case("floor-22", "read floor 22-layer: `cat` base+aligned shards",
              ["cat", *map(str, full.shards())]),
         Case("patch-22", "patch 22-layer (154 modules, r16)",

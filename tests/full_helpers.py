@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from safelora_cli.adapter import load_adapter
-from safelora_cli.index import TensorIndex, index_folder
-from safelora_cli.loader import TensorReader
-from safelora_cli.merge import merged_tensors
-from safelora_cli.merge_plan import MergePlan, plan_merge
-from safelora_cli.pairing import pair_modules
+from safelora_cli.inputs.adapter import load_adapter
+from safelora_cli.inputs.index import TensorIndex, index_folder
+from safelora_cli.inputs.loader import TensorReader
+from safelora_cli.inputs.pairing import pair_modules
+from safelora_cli.output.merge import merged_tensors
+from safelora_cli.output.merge_plan import MergePlan, plan_merge
+from safelora_cli.output.shards import ShardWriter
+from safelora_cli.output.sidecars import plan_sidecars
 from safelora_cli.settings import ProjectionSpec, Settings
-from safelora_cli.shards import ShardWriter
-from safelora_cli.sidecars import plan_sidecars
 
 CPU = torch.device("cpu")
 
@@ -62,7 +62,7 @@ def patch_full(
     targets: tuple[str, ...] = (),
 ) -> FullRun:
     """Patch a full fine-tune through the library (``pipeline.patch``) into ``out``."""
-    from safelora_cli import pipeline
+    from safelora_cli import api as pipeline
 
     spec = spec or ProjectionSpec()
     settings = Settings(select=select, num_layers=num_layers, threshold=threshold,

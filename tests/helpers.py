@@ -25,12 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner, Result
 
-from safelora_cli.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from safelora_cli.card import CARD_NAME
 from safelora_cli.cli import app
 from safelora_cli.errors import ExitCode
-from safelora_cli.index import INDEX_NAME, LFS_PREFIX
-from safelora_cli.report import REPORT_NAME
+from safelora_cli.inputs.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from safelora_cli.inputs.index import INDEX_NAME, LFS_PREFIX
+from safelora_cli.output.card import CARD_NAME
+from safelora_cli.output.report import REPORT_NAME
 
 Cli = Callable[..., Result]
 WEIGHTS = WEIGHTS_NAME

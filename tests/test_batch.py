@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from safelora_cli import Settings, patch_many, pipeline, score_many
+from safelora_cli import Settings, patch_many, score_many
+from safelora_cli import api as pipeline
 from safelora_cli.errors import ExitCode, FilesystemError
 from safelora_cli.synthetic import make_adapter
 from tests.conftest import Trio

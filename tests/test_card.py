@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from typer.testing import Result
 
-from safelora_cli.card import MAX_CARD_BYTES, MAX_FRONT_MATTER, build_card, read_card
+from safelora_cli.output.card import MAX_CARD_BYTES, MAX_FRONT_MATTER, build_card, read_card
 from tests.conftest import Trio
 from tests.reports import make_report, model_input
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from safelora_cli import config
-from safelora_cli.config import (
+from safelora_cli.errors import ExitCode, UsageError
+from safelora_cli.inputs import config
+from safelora_cli.inputs.config import (
     PRESET_PATH_ENV,
     Preset,
     find_preset,
@@ -24,7 +25,6 @@ from safelora_cli.config import (
     read_config,
     resolve_run,
 )
-from safelora_cli.errors import ExitCode, UsageError
 from safelora_cli.settings import Settings
 from tests.conftest import Trio
 from tests.helpers import WEIGHTS, Cli, expect_error

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from safelora_cli import pipeline
-from safelora_cli.adapter import load_adapter
+from safelora_cli import api as pipeline
 from safelora_cli.cli._errors import as_error
 from safelora_cli.errors import (
     CorruptFileError,
@@ -20,8 +19,9 @@ from safelora_cli.errors import (
     SafeLoraError,
     UsageError,
 )
-from safelora_cli.index import TensorIndex, index_folder
-from safelora_cli.pairing import pair_modules
+from safelora_cli.inputs.adapter import load_adapter
+from safelora_cli.inputs.index import TensorIndex, index_folder
+from safelora_cli.inputs.pairing import pair_modules
 from tests.conftest import Trio
 from tests.helpers import assert_error, invoke
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safelora_cli.errors import ExitCode
-from safelora_cli.shards import ShardWriter
+from safelora_cli.output.shards import ShardWriter
 from safelora_cli.synthetic import (
     FineTuneSpec,
     LlamaShape,
@@ -234,7 +234,7 @@ def test_show_renders_a_full_fine_tunes_report(models: dict[str, Path]) -> None:
 def test_a_fine_tune_through_a_profile(models: dict[str, Path]) -> None:
     """V from the profile, D from --aligned: cosines within their bounds of the model pair's,
     and the written weights W_aligned + Û diag(ŝ²) Ûᵀ D / ν, checked densely in float64."""
-    from safelora_cli.profile import load_entry, read_profile
+    from safelora_cli.sources.profile import load_entry, read_profile
 
     profile = models["root"] / "p.safetensors"
     built = invoke(["profile", *model_args(models), "-o", str(profile), "--rank", "2", "-q"])

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from safelora_cli import delta
 from safelora_cli.errors import NumericalError
-from safelora_cli.full import (
+from safelora_cli.inputs.index import index_folder
+from safelora_cli.math import delta
+from safelora_cli.math.full import (
     UNCHANGED,
     merged_weight,
     project_delta,
@@ -23,9 +24,8 @@ from safelora_cli.full import (
     score_projection,
     weight_delta_into,
 )
-from safelora_cli.index import index_folder
-from safelora_cli.report import ZERO_V
-from safelora_cli.selection import select_modules
+from safelora_cli.math.selection import select_modules
+from safelora_cli.output.report import ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec
 from safelora_cli.synthetic import FineTuneSpec, PairSpec, make_full_finetune, make_pair
 from tests.full_helpers import (

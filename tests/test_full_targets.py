@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import save_file
 
 from safelora_cli.errors import IncompatibleInputError, UsageError
-from safelora_cli.full_targets import (
+from safelora_cli.inputs.full_targets import (
     ALL_LINEAR,
     Targets,
     pair_full_weights,
     pattern_fullmatch,
     select_targets,
 )
-from safelora_cli.index import index_folder
+from safelora_cli.inputs.index import index_folder
 from safelora_cli.synthetic import LlamaShape, PairSpec, make_full_finetune, make_pair
 from tests.full_helpers import folder_tensors
 

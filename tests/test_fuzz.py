@@ -28,11 +28,11 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from safelora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from safelora_cli.errors import ExitCode, SafeLoraError
-from safelora_cli.index import DTYPE_BITS, INDEX_NAME, TensorIndex, index_folder, read_header
-from safelora_cli.loader import TensorReader
-from safelora_cli.pairing import pair_modules
+from safelora_cli.inputs.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from safelora_cli.inputs.index import DTYPE_BITS, INDEX_NAME, TensorIndex, index_folder, read_header
+from safelora_cli.inputs.loader import TensorReader
+from safelora_cli.inputs.pairing import pair_modules
 from tests.helpers import Q0
 
 FUZZ = settings(

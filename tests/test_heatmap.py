@@ -17,7 +17,7 @@ import pytest
 from rich.console import Console
 from typer.testing import Result
 
-from safelora_cli.heatmap import heatmap_renderable, heatmap_text, print_heatmap
+from safelora_cli.display.heatmap import heatmap_renderable, heatmap_text, print_heatmap
 from safelora_cli.synthetic import ALL_PROJ
 from tests.conftest import Trio
 from tests.reports import make_report

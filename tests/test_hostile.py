@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from safelora_cli.adapter import CONFIG_NAME, WEIGHTS_NAME
 from safelora_cli.errors import ExitCode, FilesystemError
+from safelora_cli.inputs.adapter import CONFIG_NAME, WEIGHTS_NAME
+from safelora_cli.inputs.pairing import MODEL_CONFIG
+from safelora_cli.inputs.resolve import ResolvedInput
+from safelora_cli.inputs.smallfiles import MAX_DEPTH
 from safelora_cli.notices import NOTE, Notice, Notices
-from safelora_cli.pairing import MODEL_CONFIG
-from safelora_cli.report import REPORT_NAME
-from safelora_cli.resolve import ResolvedInput
-from safelora_cli.smallfiles import MAX_DEPTH
-from safelora_cli.writer import STAGE_PREFIX, OutputFolder
+from safelora_cli.output.report import REPORT_NAME
+from safelora_cli.output.writer import STAGE_PREFIX, OutputFolder
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import assert_error, invoke
 
@@ -316,7 +316,7 @@ def test_batch_writing_failure_publishes_nothing(
 
 
 def test_batch_publish_race_says_what_was_published(tmp_path: Path) -> None:
-    from safelora_cli.pipeline import _publish_all
+    from safelora_cli.api import _publish_all
 
     folders = [OutputFolder(tmp_path / name) for name in ("a", "b", "c")]
     for folder in folders:
@@ -354,7 +354,7 @@ def test_hub_ref_is_noted_before_it_is_looked_up(
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     seen: list[Notice] = []
-    from safelora_cli import pipeline
+    from safelora_cli import api as pipeline
     from safelora_cli.errors import HubError
     from safelora_cli.settings import Settings
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from safelora_cli.heatmap_layout import colour
-from safelora_cli.html_report import CSP, render_html
+from safelora_cli.display.heatmap_layout import colour
+from safelora_cli.display.html_report import CSP, render_html
 from tests.reports import make_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

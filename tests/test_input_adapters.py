@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safelora_cli.adapter import PREFIX
 from safelora_cli.errors import ExitCode
-from safelora_cli.pairing import MODEL_CONFIG
+from safelora_cli.inputs.adapter import PREFIX
+from safelora_cli.inputs.pairing import MODEL_CONFIG
 from safelora_cli.synthetic import LlamaShape, PairSpec, make_adapter, make_pair
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import (

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from safelora_cli.errors import ExitCode
-from safelora_cli.index import MAX_HEADER_BYTES
+from safelora_cli.inputs.index import MAX_HEADER_BYTES
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import (
     CONFIG,
@@ -237,7 +237,7 @@ def test_huge_header_length_is_refused_before_the_header_is_read(
         reads.append(len(text))
         return real_loads(text, **kwargs)
 
-    monkeypatch.setattr("safelora_cli.index.json.loads", spying_loads)
+    monkeypatch.setattr("safelora_cli.inputs.index.json.loads", spying_loads)
     out = tmp_path / "out"
     expect_error(cli(trio.patch_args(out, "--quiet")), CORRUPT, "header length", output=out)
     assert max(reads, default=0) < 1024 * 1024

@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safelora_cli.adapter import expected_alpha
 from safelora_cli.cli import app
 from safelora_cli.errors import ExitCode, IncompatibleInputError, UsageError
-from safelora_cli.inspection import inspect_adapter
+from safelora_cli.inputs.adapter import expected_alpha
+from safelora_cli.runs.inspection import inspect_adapter
 from safelora_cli.synthetic import LlamaShape, PairSpec, adapter_config, make_pair, save_model
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import CONFIG, PREFIX, Q0, WEIGHTS, Cli, assert_error
@@ -112,7 +112,7 @@ def test_rank_and_alpha_patterns_apply_per_module(tmp_path: Path, rslora: bool) 
 def test_alpha_pattern_follows_the_rank_pattern_rule() -> None:
     patterns = {"q_proj": 1, r"layers\.1\..*v_proj": 2, "mlp.up_proj": 3}
     config = {"r": 8, "lora_alpha": 16, "rank_pattern": patterns, "alpha_pattern": patterns}
-    from safelora_cli.adapter import expected_rank
+    from safelora_cli.inputs.adapter import expected_rank
 
     for module in (Q0, Q1, V0, "model.layers.1.self_attn.v_proj", "model.layers.0.mlp.up_proj",
                    "model.layers.0.mlp.xup_proj", "model.layers.0.self_attn.q_proj_x"):  # fmt: skip

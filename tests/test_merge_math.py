@@ -22,13 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safelora_cli.adapter import load_adapter
 from safelora_cli.errors import IncompatibleInputError, NumericalError
-from safelora_cli.index import index_folder
-from safelora_cli.merge import lora_factors, merged_tensor
-from safelora_cli.merge_plan import LoraTerm, plan_merge
-from safelora_cli.pairing import pair_modules
-from safelora_cli.projection import paper_project
+from safelora_cli.inputs.adapter import load_adapter
+from safelora_cli.inputs.index import index_folder
+from safelora_cli.inputs.pairing import pair_modules
+from safelora_cli.math.projection import paper_project
+from safelora_cli.output.merge import lora_factors, merged_tensor
+from safelora_cli.output.merge_plan import LoraTerm, plan_merge
 from safelora_cli.synthetic import LlamaShape, PairSpec, make_adapter, make_pair
 from tests.full_helpers import folder_tensors, load_in_transformers, merge_to, same_bytes
 

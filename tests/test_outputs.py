@@ -20,8 +20,9 @@ import pytest
 import safetensors
 import torch
 
-from safelora_cli import pipeline, writer
+from safelora_cli import api as pipeline
 from safelora_cli.errors import ExitCode
+from safelora_cli.output import writer
 from tests.conftest import Trio
 from tests.helpers import (
     CONFIG,

@@ -32,8 +32,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from typer.testing import Result
 
-from safelora_cli.adapter import PREFIX
 from safelora_cli.errors import ExitCode
+from safelora_cli.inputs.adapter import PREFIX
 from safelora_cli.synthetic import LlamaShape, PairSpec, make_pair
 from tests.factories import (
     gpt2_pair,

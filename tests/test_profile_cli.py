@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from safelora_cli.errors import ExitCode
-from safelora_cli.profile import SCHEMA_VERSION
-from safelora_cli.resolve import PROFILE_NAME
+from safelora_cli.inputs.resolve import PROFILE_NAME
+from safelora_cli.sources.profile import SCHEMA_VERSION
 from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapter, make_pair
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import (

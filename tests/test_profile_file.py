@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from safelora_cli import profile_build
 from safelora_cli.errors import (
     CorruptFileError,
     FilesystemError,
@@ -26,11 +25,12 @@ from safelora_cli.errors import (
     SafeLoraError,
     UsageError,
 )
-from safelora_cli.lowrank import LOWRANK, WHOLE, ZERO, LowRank, RankRule
-from safelora_cli.lowrank_score import score_entry
-from safelora_cli.profile import SCHEMA_VERSION, check_adapter, load_entry, read_profile
-from safelora_cli.profile_build import build_profile, write_profile
-from safelora_cli.profile_summary import describe, provenance
+from safelora_cli.math.lowrank import LOWRANK, WHOLE, ZERO, LowRank, RankRule
+from safelora_cli.math.lowrank_score import score_entry
+from safelora_cli.runs import profile_build
+from safelora_cli.runs.profile_build import build_profile, write_profile
+from safelora_cli.sources.profile import SCHEMA_VERSION, check_adapter, load_entry, read_profile
+from safelora_cli.sources.profile_summary import describe, provenance
 from tests.helpers import factors, with_spectrum
 
 RULE = RankRule(tolerance=0.01, max_rank=8)

@@ -16,10 +16,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safelora_cli import certificate, lowrank, projection
-from safelora_cli.certificate import certify
 from safelora_cli.errors import IncompatibleInputError, UsageError
-from safelora_cli.lowrank import (
+from safelora_cli.math import certificate, lowrank, projection
+from safelora_cli.math.certificate import certify
+from safelora_cli.math.lowrank import (
     EXACT,
     LOWRANK,
     RANDOMIZED,
@@ -29,10 +29,10 @@ from safelora_cli.lowrank import (
     RankRule,
     decompose,
 )
-from safelora_cli.lowrank_score import score_entry, uncertain_modules
-from safelora_cli.projection import score_module
-from safelora_cli.report import ZERO_DELTA, ZERO_V
-from safelora_cli.selection import select_modules
+from safelora_cli.math.lowrank_score import score_entry, uncertain_modules
+from safelora_cli.math.projection import score_module
+from safelora_cli.math.selection import select_modules
+from safelora_cli.output.report import ZERO_DELTA, ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec
 from tests.helpers import dense_k, dense_subspace, factors, rel_err, with_spectrum
 
@@ -513,7 +513,7 @@ def deltas(v: torch.Tensor, count: int = 5, seed: int = 11) -> list[torch.Tensor
 @pytest.mark.parametrize("spectrum", list(SPECTRA))
 @pytest.mark.parametrize("method", [EXACT, RANDOMIZED])
 def test_a_delta_through_a_profile_stays_within_its_bound(spectrum: str, method: str) -> None:
-    from safelora_cli.lowrank_score import score_delta_entry
+    from safelora_cli.math.lowrank_score import score_delta_entry
 
     v = with_spectrum(160, 120, SPECTRA[spectrum](120), seed=3).float()
     entry = entry_of(v, fixed(16), method)
@@ -541,7 +541,7 @@ def test_a_delta_through_a_profile_stays_within_its_bound(spectrum: str, method:
 
 
 def test_a_delta_in_subspace_mode_is_exact_within_the_stored_rank() -> None:
-    from safelora_cli.lowrank_score import score_delta_entry
+    from safelora_cli.math.lowrank_score import score_delta_entry
 
     v = with_spectrum(120, 90, power(90, 1.0), seed=4).float()
     entry = entry_of(v, fixed(12))

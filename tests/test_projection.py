@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safelora_cli.projection import (
+from safelora_cli.math.projection import (
     ModuleScore,
     alignment_matrix,
     factored_cosine,
     paper_project,
     score_module,
 )
-from safelora_cli.report import ZERO_DELTA, ZERO_V
-from safelora_cli.selection import select_modules
+from safelora_cli.math.selection import select_modules
+from safelora_cli.output.report import ZERO_DELTA, ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec, Select
 from tests.helpers import rel_err
 

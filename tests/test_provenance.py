@@ -13,15 +13,15 @@ import pytest
 from typer.testing import Result
 
 from safelora_cli.errors import ExitCode, IncompatibleInputError, UsageError
-from safelora_cli.modelref import Match, ModelRef, compare, hub_cache_location, parse_ref
-from safelora_cli.provenance import (
+from safelora_cli.inputs.modelref import Match, ModelRef, compare, hub_cache_location, parse_ref
+from safelora_cli.inputs.provenance import (
     check_adapter,
     check_pair,
     check_scores,
     file_identities,
     refuse,
 )
-from safelora_cli.resolve import resolve
+from safelora_cli.inputs.resolve import resolve
 from tests.conftest import TrioFactory
 from tests.reports import make_report, model_input
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from safelora_cli import writer
 from safelora_cli.errors import ExitCode, FilesystemError
-from safelora_cli.writer import STAGE_PREFIX, OutputFolder, write_json
+from safelora_cli.output import writer
+from safelora_cli.output.writer import STAGE_PREFIX, OutputFolder, write_json
 from tests.conftest import Trio
 from tests.helpers import REPORT, WORK_PREFIX, Cli, expect_ok, leftovers, snapshot, start_patch
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from safelora_cli import config
-from safelora_cli.config import resolve_run
 from safelora_cli.errors import ExitCode, UsageError
+from safelora_cli.inputs import config
+from safelora_cli.inputs.config import resolve_run
 from safelora_cli.settings import OPTIONS, SETTING_OPTIONS, Projection, Select, Settings
 from tests.helpers import invoke
 
@@ -124,7 +124,7 @@ def test_flags_and_run_files_give_the_same_settings(tmp_path: Path) -> None:
         part for key, (text, _) in given.items() for part in ("--" + key.replace("_", "-"), text)
     ]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("safelora_cli.pipeline.score_many", fake_score_many)
+        mp.setattr("safelora_cli.api.score_many", fake_score_many)
         result = invoke(["score", "x", "--base", "b", "--aligned", "a", *flags])
     assert result.exit_code == ExitCode.USAGE
     assert captured == [from_file]

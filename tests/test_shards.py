@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from safelora_cli import shards
 from safelora_cli.errors import CorruptFileError
-from safelora_cli.index import INDEX_NAME, TensorIndex, index_folder
-from safelora_cli.loader import TORCH_DTYPES
+from safelora_cli.inputs.index import INDEX_NAME, TensorIndex, index_folder
+from safelora_cli.inputs.loader import TORCH_DTYPES
 from safelora_cli.notices import Notices
-from safelora_cli.shards import ShardWriter
-from safelora_cli.sidecars import plan_sidecars
+from safelora_cli.output import shards
+from safelora_cli.output.shards import ShardWriter
+from safelora_cli.output.sidecars import plan_sidecars
+from safelora_cli.output.writer import OutputFolder
 from safelora_cli.synthetic import PairSpec, make_pair
-from safelora_cli.writer import OutputFolder
 from tests.full_helpers import byte_ranges, folder_tensors, masked_bytes, same_bytes
 
 Q = "model.layers.0.self_attn.q_proj.weight"

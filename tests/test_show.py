@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safelora_cli.adapter import CONFIG_NAME
 from safelora_cli.errors import ExitCode
-from safelora_cli.report import REPORT_NAME, SCHEMA_VERSION
+from safelora_cli.inputs.adapter import CONFIG_NAME
+from safelora_cli.output.report import REPORT_NAME, SCHEMA_VERSION
 from safelora_cli.settings import Settings
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import assert_error, invoke
@@ -105,8 +105,8 @@ class Calls(list[tuple[int, int, str]]):
 
 
 def test_progress_counts_the_bytes_read(trio: Trio) -> None:
-    from safelora_cli import pipeline
-    from safelora_cli.index import index_folder
+    from safelora_cli import api as pipeline
+    from safelora_cli.inputs.index import index_folder
 
     calls = Calls()
     settings = Settings(num_layers=3)

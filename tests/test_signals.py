@@ -28,10 +28,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safelora_cli import pipeline, writer
+from safelora_cli import api as pipeline
 from safelora_cli.errors import ExitCode
+from safelora_cli.output import writer
+from safelora_cli.output.writer import STAGE_PREFIX
 from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapter, make_pair
-from safelora_cli.writer import STAGE_PREFIX
 from tests.conftest import Trio
 from tests.helpers import (
     CONFIG,

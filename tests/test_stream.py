@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from safelora_cli import projection
 from safelora_cli.errors import CorruptFileError
-from safelora_cli.job import prepare
-from safelora_cli.pairing import ModulePair
-from safelora_cli.projection import paper_projections, subspace_basis
+from safelora_cli.inputs.pairing import ModulePair
+from safelora_cli.math import projection
+from safelora_cli.math.projection import paper_projections, subspace_basis
+from safelora_cli.runs.job import prepare
 from safelora_cli.settings import Settings
-from safelora_cli.stream import map_alignment, worker_plan
+from safelora_cli.sources.stream import map_alignment, worker_plan
 from tests.conftest import TrioFactory
 from tests.helpers import read_tensors, rel_err, truncate
 

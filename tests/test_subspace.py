@@ -24,9 +24,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from safelora_cli import projection
 from safelora_cli.errors import ExitCode
-from safelora_cli.projection import ModuleScore, score_module, subspace_basis
+from safelora_cli.math import projection
+from safelora_cli.math.projection import ModuleScore, score_module, subspace_basis
 from safelora_cli.settings import Projection, ProjectionSpec
 from safelora_cli.synthetic import LlamaShape, PairSpec, make_adapter, make_pair
 from tests.conftest import Trio, TrioFactory

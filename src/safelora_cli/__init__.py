@@ -19,7 +19,7 @@ __all__ = ["Result", "Settings", "__version__", "patch", "patch_many", "score", 
 _API = frozenset(__all__) - {"__version__"}
 
 if TYPE_CHECKING:
-    from safelora_cli.pipeline import Result, patch, patch_many, score, score_many
+    from safelora_cli.api import Result, patch, patch_many, score, score_many
     from safelora_cli.settings import Settings
 
 
@@ -29,7 +29,7 @@ def __getattr__(name: str) -> Any:
 
         return Settings
     if name in _API:
-        from safelora_cli import pipeline
+        from safelora_cli import api as pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'safelora_cli' has no attribute {name!r}")

@@ -197,7 +197,7 @@ def make_adapter(
     """
     from safetensors import safe_open
 
-    from safelora_cli.index import index_folder
+    from safelora_cli.inputs.index import index_folder
 
     gen = _generator(seed)
     b_index, a_index = index_folder(base), index_folder(aligned)

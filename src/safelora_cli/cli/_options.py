@@ -18,8 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
-from safelora_cli.config import RunConfig, resolve_run
 from safelora_cli.errors import UsageError
+from safelora_cli.inputs.config import RunConfig, resolve_run
 from safelora_cli.settings import OPTIONS, Option
 
 AdaptersArg = Annotated[

@@ -11,7 +11,7 @@ import typer
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
 from safelora_cli.cli._options import AdapterNameOpt, RevisionOpt
-from safelora_cli.display import write_stdout
+from safelora_cli.display.terminal import write_stdout
 from safelora_cli.errors import IncompatibleInputError, UsageError
 
 EXAMPLES = """\b
@@ -67,13 +67,13 @@ def inspect_command(
             return
         if aligned is not None and base is None:
             raise UsageError("--aligned needs --base", "give both models, or only --base")
-        from safelora_cli.inspection import inspect_adapter
+        from safelora_cli.runs.inspection import inspect_adapter
 
         info = inspect_adapter(adapter, base, aligned, revision=revision, adapter_name=adapter_name)
         if as_json:
             write_stdout(json.dumps(info, indent=2) + "\n")
         else:
-            from safelora_cli.display import inspect_tables, show_safely
+            from safelora_cli.display.terminal import inspect_tables, show_safely
 
             show_safely(stderr, inspect_tables, info)
         unpaired = [m for m in info["modules"] if m.get("paired") is False]
@@ -87,20 +87,20 @@ def inspect_command(
 
 
 def _inspect_profile(path: Path, as_json: bool) -> None:
-    from safelora_cli.profile import read_profile
-    from safelora_cli.profile_summary import describe
+    from safelora_cli.sources.profile import read_profile
+    from safelora_cli.sources.profile_summary import describe
 
     summary = describe(read_profile(path))
     if as_json:
         write_stdout(json.dumps(summary, indent=2) + "\n")
     else:
-        from safelora_cli.display import profile_table, show_safely
+        from safelora_cli.display.terminal import profile_table, show_safely
 
         show_safely(stderr, profile_table, summary)
 
 
 def _is_model(ref: str) -> bool:
-    from safelora_cli.job import FULL, input_kind
+    from safelora_cli.runs.job import FULL, input_kind
 
     return Path(ref).is_dir() and input_kind(Path(ref)) == FULL
 
@@ -111,12 +111,12 @@ def _inspect_model(model: str, aligned: str | None, revision: str | None, as_jso
             f"{model}: is a full model; inspecting it compares it with --aligned",
             "give --aligned REF, the model it was fine-tuned from",
         )
-    from safelora_cli.finetune import inspect_full
+    from safelora_cli.runs.finetune import inspect_full
 
     info = inspect_full(model, aligned, revision)
     if as_json:
         write_stdout(json.dumps(info, indent=2) + "\n")
     else:
-        from safelora_cli.display import changed_table, show_safely
+        from safelora_cli.display.terminal import changed_table, show_safely
 
         show_safely(stderr, changed_table, info)

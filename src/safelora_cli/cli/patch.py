@@ -17,7 +17,7 @@ from safelora_cli.cli._options import (
     adapter_list,
     run_options,
 )
-from safelora_cli.display import emit_results, notice_printer, progress_bar
+from safelora_cli.display.terminal import emit_results, notice_printer, progress_bar
 from safelora_cli.errors import UsageError
 
 EXAMPLES = """\b
@@ -79,7 +79,7 @@ def patch(
         if batch and report is not None:
             raise UsageError("--report takes one adapter", "each batch output has its own report")
         config = run.resolve()
-        from safelora_cli import pipeline
+        from safelora_cli import api as pipeline
 
         with progress_bar(stderr, quiet) as progress:
             if batch:

@@ -9,7 +9,7 @@ import typer
 
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
-from safelora_cli.display import presets_table, show_safely, write_stdout
+from safelora_cli.display.terminal import presets_table, show_safely, write_stdout
 
 EXAMPLES = """\b
 Examples:
@@ -25,7 +25,7 @@ def presets_command(
 ) -> None:
     """List the presets: known base/aligned pairs, their hub ids and recommended selection."""
     with errors_to_exit():
-        from safelora_cli.config import load_presets
+        from safelora_cli.inputs.config import load_presets
 
         described = [preset.describe() for preset in load_presets().values()]
         if as_json:

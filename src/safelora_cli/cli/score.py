@@ -17,9 +17,9 @@ from safelora_cli.cli._options import (
     adapter_list,
     run_options,
 )
-from safelora_cli.display import emit_results, notice_printer, progress_bar
+from safelora_cli.display.terminal import emit_results, notice_printer, progress_bar
 from safelora_cli.errors import ExitCode, UsageError
-from safelora_cli.report import subject
+from safelora_cli.output.report import subject
 from safelora_cli.untrusted import safe_text
 
 EXAMPLES = """\b
@@ -57,7 +57,7 @@ def score(
             )
         paths, batch = adapter_list(adapters)
         config = run.resolve()
-        from safelora_cli import pipeline
+        from safelora_cli import api as pipeline
 
         with progress_bar(stderr, quiet) as progress:
             results = pipeline.score_many(

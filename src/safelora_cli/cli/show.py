@@ -10,7 +10,7 @@ import typer
 
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
-from safelora_cli.display import show_report, write_stdout
+from safelora_cli.display.terminal import show_report, write_stdout
 from safelora_cli.errors import FilesystemError
 
 EXAMPLES = """\b
@@ -45,12 +45,12 @@ def show_command(
 ) -> None:
     """Show a saved report: the per-layer heat map of its cosines and the modules projected."""
     with errors_to_exit():
-        from safelora_cli.report import read_reports
+        from safelora_cli.output.report import read_reports
 
         reports = read_reports(report)
         if html is not None:
-            from safelora_cli.html_report import render_html
-            from safelora_cli.writer import write_text
+            from safelora_cli.display.html_report import render_html
+            from safelora_cli.output.writer import write_text
 
             if html.exists() and not force:
                 raise FilesystemError(f"--html {html}: exists", "pass --force to replace it")

@@ -1,0 +1,1 @@
+"""Display: what people see of a run or a saved report: terminal tables, heat map, HTML."""

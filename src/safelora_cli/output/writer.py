@@ -1,0 +1,345 @@
+"""Writer: owns the output folder, from the checks before any work to the atomic publish.
+
+``OutputFolder`` stages every file in a folder beside the target and publishes it only when the
+``with`` block ends without an exception; on any failure, Ctrl-C or SIGTERM included, the staging
+folder is removed and the target is untouched. Publishing is atomic against other runs: without
+``--force`` the staging folder is renamed onto the target, which fails if the target appeared
+(non-empty) during the run; with ``--force`` the old folder is swapped out in one step under a lock,
+so the target never holds a mix of two runs' files (files safelora did not write are carried over).
+Which input files travel into an output is ``sidecars.py``'s policy; the low-level pieces (atomic
+files, the publish lock, held-back interrupts) are ``atomic.py``'s.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from safelora_cli.errors import (
+    CorruptFileError,
+    FilesystemError,
+    Interrupted,
+    NumericalError,
+    SafeLoraError,
+    UsageError,
+)
+from safelora_cli.inputs.adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter
+from safelora_cli.inputs.loader import TensorReader
+from safelora_cli.inputs.smallfiles import load_json
+from safelora_cli.notices import Notices
+from safelora_cli.output.atomic import (
+    copy_input,
+    deferred_signals,
+    publish_lock,
+    remove_tree,
+    save_safetensors,
+    stage_json,
+    write_json,
+    write_text,
+)
+from safelora_cli.output.report import REPORT_NAME
+from safelora_cli.output.sidecars import plan_sidecars
+
+__all__ = ["OutputFolder", "cast_checked", "check_output", "check_report_path", "output_error",
+           "write_adapter", "write_json", "write_text"]  # fmt: skip
+STAGE_PREFIX = ".safelora-tmp-"
+_OLD_PREFIX = ".safelora-old-"
+
+
+def check_output(target: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse an output that would be unsafe to write, before any work is done.
+
+    Args:
+        target: the output folder (need not exist).
+        inputs: local input folders the output must not be, nor be inside.
+        force: allow replacing safelora's files in an existing non-empty folder.
+    Raises:
+        FilesystemError: symlink, not a folder, exists and not empty without ``force``, inside an
+            input, parent missing or not writable.
+    """
+    resolved = _resolved(target, "--output")
+    if target.is_symlink():
+        raise FilesystemError(f"--output {target}: is a symlink", "give a real folder path")
+    for folder in inputs:
+        if resolved == folder or folder in resolved.parents:
+            raise FilesystemError(
+                f"--output {target}: is inside the input folder {folder}",
+                "write the patched adapter to a new folder",
+            )
+    if target.exists():
+        if not target.is_dir():
+            raise FilesystemError(f"--output {target}: exists and is not a folder")
+        if any(target.iterdir()) and not force:
+            raise FilesystemError(
+                f"--output {target}: exists and is not empty",
+                "choose a new folder, or pass --force to replace safelora's files in it",
+            )
+    parent = resolved.parent
+    if not parent.is_dir():
+        raise FilesystemError(f"--output {target}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FilesystemError(f"--output {target}: cannot write in {parent} (permission denied)")
+
+
+def check_report_path(path: Path, inputs: list[Path], output: Path, force: bool) -> None:
+    """Refuse a ``--report`` path before any work: inside the output or an input, an existing
+    file without ``force``, behind a symlink, or with no writable parent folder."""
+    resolved = _resolved(path, "--report")
+    target = _resolved(output, "--output")
+    if resolved == target or target in resolved.parents:
+        raise UsageError(
+            f"--report {path}: is inside the output folder {output}",
+            "leave --report out to write the report there, or give a path outside it",
+        )
+    if path.is_symlink() or path.is_dir():
+        raise FilesystemError(f"--report {path}: is a symlink or a folder", "give a file path")
+    if any(folder in resolved.parents for folder in inputs):
+        raise FilesystemError(f"--report {path}: is inside an input folder")
+    if path.exists() and not force:
+        raise FilesystemError(
+            f"--report {path}: exists", "choose a new path, or pass --force to replace it"
+        )
+    if not os.access(resolved.parent, os.W_OK | os.X_OK):
+        raise FilesystemError(f"--report {path}: cannot write in {resolved.parent}")
+
+
+def _resolved(path: Path, flag: str) -> Path:
+    """``path`` resolved; a name the file system cannot hold is a usage error, not an I/O one."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"{flag} {path}: the name is too long for the file system") from exc
+    return path.resolve()
+
+
+class OutputFolder(AbstractContextManager["OutputFolder"]):
+    """A new output folder: written in ``path`` (the staging folder), published on success.
+
+    Example:
+        >>> with OutputFolder(Path("out"), force=False) as out:
+        ...     out.save_tensors("adapter_model.safetensors", tensors)
+        ...     out.write_report(report)
+    """
+
+    def __init__(self, target: Path, *, force: bool = False) -> None:
+        self.target = target
+        self.force = force
+        self.parent = target.resolve().parent
+        # named before it exists: an interrupt landing just after mkdir still knows what to remove
+        self.path = self.parent / f"{STAGE_PREFIX}{target.name}-{secrets.token_hex(8)}"
+        self._attached: list[tuple[Path, Path]] = []  # (staged file, where it goes)
+
+    def __enter__(self) -> OutputFolder:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.publish()
+            return
+        self.discard()
+        if isinstance(exc, OSError):  # writing a file failed: disk full, permissions
+            raise output_error(self.target, exc) from exc
+
+    def open(self) -> None:
+        """Create the staging folder."""
+        try:
+            self.path.mkdir(mode=0o700)
+        except OSError as exc:  # FileExistsError included: never remove a folder that is not ours
+            raise output_error(self.target, exc) from exc
+        except BaseException:
+            remove_tree(self.path)
+            raise
+
+    def discard(self) -> None:
+        """Remove everything staged; the target and the attached files' paths are untouched."""
+        remove_tree(self.path)
+        for staged, _ in self._attached:
+            staged.unlink(missing_ok=True)
+
+    def publish(self) -> None:
+        """Move the staged folder (and the attached files) into place; discard it on failure."""
+        try:
+            self._publish()
+        except OSError as error:
+            raise output_error(self.target, error) from error
+        finally:
+            self.discard()
+
+    def attach_json(self, path: Path, value: Any) -> None:
+        """Stage a JSON file that lives outside the folder (``--report``): it is published with
+        the folder, just after it, and never without it."""
+        self._attached.append((stage_json(path, value), path))
+
+    def save_tensors(
+        self, name: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None
+    ) -> None:
+        """Write a safetensors file; tensor data is written byte for byte as given."""
+        save_safetensors(save_file, self.path / name, tensors, metadata)
+
+    def copy_files(
+        self,
+        source: Path,
+        inside: Path,
+        notices: Notices,
+        skip: frozenset[str] = frozenset(),
+        trusted: frozenset[str] = frozenset(),
+        model: bool = False,
+    ) -> None:
+        """Copy ``source``'s sidecar files into the output (``sidecars.plan_sidecars``); each
+        file left out that a user might expect is a notice."""
+        keep, refused = plan_sidecars(source, inside, skip, trusted, model)
+        for refusal in refused:
+            notices.add(refusal.code, f"{refusal.path}: not copied: {refusal.reason}")
+        for src in keep:
+            copy_input(src, self.path / src.name)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write one file of the output."""
+        (self.path / name).write_bytes(data)
+
+    def write_report(self, report: dict[str, Any]) -> None:
+        """Write the report last, listing every file of the output (``files``)."""
+        report["files"] = sorted({p.name for p in self.path.iterdir()} | {REPORT_NAME})
+        write_json(self.path / REPORT_NAME, report)
+
+    def _publish(self) -> None:
+        for path in self.path.iterdir():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+        with publish_lock(self.parent), deferred_signals() as caught:
+            if self.force and _has_entries(self.target):
+                self._swap()
+            else:
+                self._rename()
+            for staged, path in self._attached:
+                os.replace(staged, path)
+        if caught:
+            raise Interrupted(
+                f"interrupted just after {self.target} was written; it is complete",
+                "run again with --force if in doubt",
+            )
+
+    def _rename(self) -> None:
+        try:
+            os.rename(self.path, self.target)  # onto a missing or empty folder only
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise FilesystemError(
+                f"--output {self.target}: appeared during the run and is not empty; "
+                "it was left as it is and nothing was written",
+                "another run may be writing there; choose a new folder, or pass --force",
+            ) from exc
+
+    def _swap(self) -> None:
+        """Carry over the files of the old folder that safelora did not write, then swap."""
+        ours = set(_previous_files(self.target)) | {p.name for p in self.path.iterdir()}
+        carried = [entry.name for entry in self.target.iterdir() if entry.name not in ours]
+        old = self.parent / f"{_OLD_PREFIX}{self.target.name}-{secrets.token_hex(8)}"
+        moved: list[str] = []
+        try:
+            for name in carried:
+                os.rename(self.target / name, self.path / name)
+                moved.append(name)
+            os.rename(self.target, old)
+        except BaseException:
+            for name in moved:  # the user's files go back where they were
+                os.rename(self.path / name, self.target / name)
+            raise
+        try:
+            os.rename(self.path, self.target)
+        except BaseException:
+            os.rename(old, self.target)
+            for name in moved:
+                os.rename(self.path / name, self.target / name)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _has_entries(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _previous_files(target: Path) -> list[str]:
+    """The files an earlier safelora run wrote into ``target``, from its report's ``files``."""
+    if not (target / REPORT_NAME).is_file():
+        return []
+    try:
+        files = load_json(target / REPORT_NAME, "earlier report").get("files")
+    except SafeLoraError:
+        return []
+    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+
+
+def output_error(target: Path, exc: OSError) -> FilesystemError:
+    """The error for an OSError met while writing the output ``target`` (a folder or a file)."""
+    if exc.errno == errno.ENOSPC:
+        return FilesystemError(
+            f"--output {target}: disk full while writing; nothing was left behind",
+            "free some space and run again",
+        )
+    return FilesystemError(f"--output {target}: {exc.strerror or exc} ({exc.filename or target})")
+
+
+def write_adapter(
+    out: OutputFolder,
+    adapter: Adapter,
+    replaced: Mapping[str, torch.Tensor],
+    inside: Path,
+    notices: Notices,
+    skip: frozenset[str] = frozenset(),
+) -> None:
+    """Write a patched adapter: its tensors with ``replaced`` ones swapped in (every other one
+    byte-identical), ``adapter_config.json`` and the folder's other files but ``skip``.
+
+    Args:
+        out: the output being written.
+        adapter: the input adapter.
+        replaced: tensor name -> new value, already in the adapter's dtype (``cast_checked``).
+        inside: the folder the copied files must live in (``ResolvedInput.trusted_root``);
+            adapter_config.json, validated when the adapter was loaded, is copied wherever it is.
+        notices: where a file not copied is reported.
+    Raises:
+        CorruptFileError: the adapter's config disappeared during the run, or an input file
+            cannot be read.
+    """
+    with TensorReader() as reader:
+        tensors = {
+            name: replaced[name] if name in replaced else reader.read(info)
+            for name, info in adapter.weights.tensors.items()
+        }
+        out.save_tensors(WEIGHTS_NAME, tensors, adapter.weights.metadata)
+    ours = frozenset({WEIGHTS_NAME}) | skip
+    out.copy_files(adapter.root, inside, notices, ours, trusted=frozenset({CONFIG_NAME}))
+    if not (out.path / CONFIG_NAME).is_file():
+        raise CorruptFileError(f"{adapter.root / CONFIG_NAME}: removed during the run")
+
+
+def cast_checked(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a projected tensor back to the adapter's dtype and refuse NaN/Inf (fp16 overflow)."""
+    out = tensor.to("cpu", dtype).contiguous()
+    if not bool(torch.isfinite(out).all()):
+        raise NumericalError(
+            f"projected {name} is not finite in {str(dtype).removeprefix('torch.')}",
+            "the adapter's dtype cannot hold the projected values; convert the adapter to fp32",
+        )
+    return out

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test check lint format typecheck bench clean
+.PHONY: venv demo test check lint imports format typecheck bench clean
 
 venv: $(STAMP)
 
@@ -34,7 +34,11 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-check: lint typecheck test
+# the layers of docs/architecture.md: imports only go down, the math stays pure, no cycles
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports
+
+check: lint imports typecheck test
 
 bench: $(STAMP)
 	$(PY) -m pip install -q py-spy || echo "py-spy not installed: the profile falls back to cProfile (main thread only)"

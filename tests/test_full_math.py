@@ -24,8 +24,8 @@ from safelora_cli.math.full import (
     score_projection,
     weight_delta_into,
 )
+from safelora_cli.math.reasons import ZERO_V
 from safelora_cli.math.selection import select_modules
-from safelora_cli.output.report import ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec
 from safelora_cli.synthetic import FineTuneSpec, PairSpec, make_full_finetune, make_pair
 from tests.full_helpers import (

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from safelora_cli.errors import ExitCode
-from safelora_cli.output.report import ZERO_DELTA, ZERO_V
+from safelora_cli.math.reasons import ZERO_DELTA, ZERO_V
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import (
     DOWN1,

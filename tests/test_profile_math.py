@@ -31,8 +31,8 @@ from safelora_cli.math.lowrank import (
 )
 from safelora_cli.math.lowrank_score import score_entry, uncertain_modules
 from safelora_cli.math.projection import score_module
+from safelora_cli.math.reasons import ZERO_DELTA, ZERO_V
 from safelora_cli.math.selection import select_modules
-from safelora_cli.output.report import ZERO_DELTA, ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec
 from tests.helpers import dense_k, dense_subspace, factors, rel_err, with_spectrum
 

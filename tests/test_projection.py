@@ -23,8 +23,8 @@ from safelora_cli.math.projection import (
     paper_project,
     score_module,
 )
+from safelora_cli.math.reasons import ZERO_DELTA, ZERO_V
 from safelora_cli.math.selection import select_modules
-from safelora_cli.output.report import ZERO_DELTA, ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec, Select
 from tests.helpers import rel_err
 

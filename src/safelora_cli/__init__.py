@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from safelora_cli.version import __version__
 
 __all__ = ["Result", "Settings", "__version__", "patch", "patch_many", "score", "score_many"]
 _API = frozenset(__all__) - {"__version__"}

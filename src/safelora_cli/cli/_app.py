@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from safelora_cli import __version__
 from safelora_cli.errors import ExitCode
+from safelora_cli.version import __version__
 
 stderr = Console(stderr=True)
 if not stderr.is_terminal:  # logs and CI: room for full module names

@@ -25,7 +25,7 @@ import torch
 
 from safelora_cli.math.delta import Factored, add_delta
 from safelora_cli.math.projection import ModuleScore, alignment_matrix_into, subspace_basis
-from safelora_cli.output.report import UNCHANGED, ZERO_V
+from safelora_cli.math.reasons import UNCHANGED, ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec
 
 __all__ = ["UNCHANGED", "merged_weight", "project_delta", "score_delta", "score_projection"]

@@ -27,7 +27,7 @@ from safelora_cli.math.projection import (
     factored_cosine,
     score_module,
 )
-from safelora_cli.output.report import UNCHANGED, ZERO_DELTA, ZERO_V
+from safelora_cli.math.reasons import UNCHANGED, ZERO_DELTA, ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec
 
 PAPER_SPEC = ProjectionSpec()

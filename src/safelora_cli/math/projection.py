@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safelora_cli.output.report import ZERO_DELTA, ZERO_V
+from safelora_cli.math.reasons import ZERO_DELTA, ZERO_V
 from safelora_cli.settings import Projection, ProjectionSpec
 
 EXACT_SVD_MAX_DIM = 256  # up to this min(out, in), an exact decomposition is used

@@ -12,8 +12,8 @@ import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from safelora_cli import __version__
 from safelora_cli.untrusted import printable
+from safelora_cli.version import __version__
 
 BEGIN, END = "<!-- safelora: begin -->", "<!-- safelora: end -->"
 MAX_LISTED = 64  # projected modules listed by name; the report has them all

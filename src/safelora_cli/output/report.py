@@ -12,15 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from safelora_cli import __version__
 from safelora_cli.errors import CorruptFileError, IncompatibleInputError
 from safelora_cli.inputs.smallfiles import MAX_JSON_BYTES, decode_json, read_small
+from safelora_cli.math.reasons import UNCHANGED, ZERO_DELTA, ZERO_V
+from safelora_cli.version import __version__
 
 SCHEMA_VERSION = 1
 REPORT_NAME = "safelora_report.json"
-ZERO_V = "base and aligned identical"
-ZERO_DELTA = "LoRA delta is zero"
-UNCHANGED = "weight unchanged by the fine-tune"
 SHORT_REASONS = {
     ZERO_V: "skipped: V = 0",
     ZERO_DELTA: "skipped: BA = 0",

@@ -15,13 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from safelora_cli import __version__
 from safelora_cli.errors import PairingError
 from safelora_cli.inputs.adapter import Adapter, LoraModule, load_adapter, scaling
 from safelora_cli.inputs.index import TensorIndex, TensorInfo, index_folder
 from safelora_cli.inputs.pairing import ModulePair, pair_modules
 from safelora_cli.inputs.resolve import resolve
 from safelora_cli.output.report import natural_key
+from safelora_cli.version import __version__
 
 SCHEMA_VERSION = 1
 CONFIG_FIELDS = (

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safelora_cli.errors import UsageError
-from safelora_cli.inputs.adapter import CONFIG_NAME, Adapter, load_adapter
+from safelora_cli.inputs.adapter import CONFIG_NAME, Adapter, LoraModule, load_adapter
 from safelora_cli.inputs.index import PICKLE_SUFFIXES, TensorIndex, index_folder
 from safelora_cli.inputs.pairing import MODEL_CONFIG, ModulePair, pair_modules
 from safelora_cli.inputs.provenance import check_adapter, check_pair, file_identities, refuse
@@ -30,6 +30,34 @@ class AdapterJob:
     input: ResolvedInput
     adapter: Adapter
     pairs: list[ModulePair]
+
+
+@dataclass(frozen=True)
+class ProfiledModule:
+    """One adapter module and the profile entry (its weight) it is scored against."""
+
+    lora: LoraModule
+    weight: str
+    transpose: bool
+    tied: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.lora.module
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the module, as lora_B @ lora_A."""
+        return (self.lora.b.shape[0], self.lora.a.shape[1])
+
+
+@dataclass(frozen=True)
+class ProfiledAdapter:
+    """One adapter, validated and paired against the profile."""
+
+    input: ResolvedInput
+    adapter: Adapter
+    pairs: list[ProfiledModule]
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from safelora_cli import __version__
 from safelora_cli.errors import FilesystemError, NumericalError
 from safelora_cli.math.lowrank import AUTO, LowRank, RankRule, decompose
 from safelora_cli.output.atomic import fsync_folder, save_safetensors
 from safelora_cli.output.writer import output_error
 from safelora_cli.sources.profile import CERTIFICATE_FIELDS, FORMAT, SCHEMA_VERSION, tensor_sha256
 from safelora_cli.sources.profile_summary import rule_json
+from safelora_cli.version import __version__
 
 ProgressFn = Callable[[int, int | None, str], None]
 """Called as ``progress(done, total, weight)`` after each weight; total is None when unknown."""

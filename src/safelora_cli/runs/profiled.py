@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from safelora_cli.inputs.adapter import Adapter, LoraModule, load_adapter
+from safelora_cli.inputs.adapter import load_adapter
 from safelora_cli.inputs.loader import TensorReader
 from safelora_cli.inputs.provenance import check_adapter as check_trained_on
 from safelora_cli.inputs.resolve import ResolvedInput, resolve, resolve_profile
@@ -25,40 +25,13 @@ from safelora_cli.math.lowrank_score import score_entry, uncertain_modules
 from safelora_cli.math.projection import ModuleScore
 from safelora_cli.math.selection import select_modules
 from safelora_cli.notices import Notices, NotifyFn
+from safelora_cli.runs.job import ProfiledAdapter, ProfiledModule
 from safelora_cli.runs.scoring import ProgressFn, Scored, adapter_report, read_factor
 from safelora_cli.settings import Select, Settings
 from safelora_cli.sources.profile import ProfileInfo, check_adapter, load_entry, read_profile
 from safelora_cli.sources.profile_summary import provenance
 
 PathLike = str | Path
-
-
-@dataclass(frozen=True)
-class ProfiledModule:
-    """One adapter module and the profile entry (its weight) it is scored against."""
-
-    lora: LoraModule
-    weight: str
-    transpose: bool
-    tied: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.lora.module
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(out, in) of the module, as lora_B @ lora_A."""
-        return (self.lora.b.shape[0], self.lora.a.shape[1])
-
-
-@dataclass(frozen=True)
-class ProfiledAdapter:
-    """One adapter, validated and paired against the profile."""
-
-    input: ResolvedInput
-    adapter: Adapter
-    pairs: list[ProfiledModule]
 
 
 @dataclass(frozen=True)

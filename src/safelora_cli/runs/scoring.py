@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -25,12 +25,9 @@ from safelora_cli.math.selection import select_modules
 from safelora_cli.notices import Notices
 from safelora_cli.output import report as reporting
 from safelora_cli.output.writer import cast_checked
-from safelora_cli.runs.job import AdapterJob, Job
+from safelora_cli.runs.job import AdapterJob, Job, ProfiledAdapter, ProfiledModule
 from safelora_cli.settings import ProjectionSpec, Settings
 from safelora_cli.sources.stream import map_alignment
-
-if TYPE_CHECKING:
-    from safelora_cli.runs.profiled import ProfiledAdapter, ProfiledModule
 
 Record = reporting.ModuleRecord
 
@@ -44,7 +41,7 @@ class Scored:
     """One adapter after scoring and selection: what the report and the writer need.
 
     ``job`` is the adapter paired against the model pair, or against a profile
-    (``profiled.ProfiledAdapter``); ``uncertain``: modules a profile's bounds leave open.
+    (``job.ProfiledAdapter``); ``uncertain``: modules a profile's bounds leave open.
     """
 
     job: AdapterJob | ProfiledAdapter

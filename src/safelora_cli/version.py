@@ -1,0 +1,3 @@
+"""The version of safelora, in one place (the package, the report, the card and --version)."""
+
+__version__ = "0.1.0"

@@ -1,5 +1,6 @@
-"""The docs checked against the code: every option of every command is in the README, the README's
-exit-code table is ``errors.ExitCode``, and the project stands alone (no file points outside it).
+"""The docs checked against the code: every option of every command is on its page in docs/, the
+exit-code tables of the README and of docs/safety.md are ``errors.ExitCode``, the README is a front
+door whose links lead somewhere, and the project stands alone (no file points outside it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from tests.helpers import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = ROOT / "docs"
+README_MAX_LINES = 250
 WIDE = {"COLUMNS": "250"}
 # a flag in the option column of click's help: "  -k, --num-layers K   text"
 OPTION_LINE = re.compile(r"^\s{2}(-[\w-]+(?:, -[\w-]+)*)")
@@ -56,30 +59,56 @@ def test_the_help_lists_every_command_and_its_options() -> None:
     assert "--fail-if-projected" in options("score")
 
 
+def command_page(command: str) -> str:
+    """The reference page of a command: docs/cli-COMMAND.md."""
+    page = DOCS / f"cli-{command}.md"
+    assert page.is_file(), f"`safelora {command}` has no page: {page.relative_to(ROOT)}"
+    return page.read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize("command", commands())
-def test_every_command_and_option_is_in_the_readme(command: str) -> None:
-    assert f"safelora {command}" in README
-    documented = {flag for flag in options(command) - IMPLICIT if flag in README}
-    assert options(command) - IMPLICIT == documented, (
-        f"`safelora {command}` options missing from README.md: "
-        f"{sorted(options(command) - IMPLICIT - documented)}"
-    )
+def test_every_option_of_every_command_is_on_its_page(command: str) -> None:
+    page = command_page(command)
+    assert f"safelora {command}" in page
+    missing = sorted(flag for flag in options(command) - IMPLICIT if flag not in page)
+    assert missing == [], f"`safelora {command}` options missing from docs/cli-{command}.md"
 
 
-def readme_exit_codes() -> dict[int, str]:
-    """The README's "## Exit codes" table: code -> meaning."""
-    section = README.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+def exit_code_table(text: str) -> dict[int, str]:
+    """The "## Exit codes" table of a page: code -> meaning."""
+    section = text.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\|\s*(\d+)\s*\|\s*(.+?)\s*\|\s*$", section, flags=re.MULTILINE)
     return {int(code): meaning for code, meaning in rows}
 
 
-def test_readme_exit_code_table_is_the_exit_code_enum() -> None:
-    documented = readme_exit_codes()
+@pytest.mark.parametrize("page", ["README.md", "docs/safety.md"])
+def test_exit_code_tables_are_the_exit_code_enum(page: str) -> None:
+    documented = exit_code_table((ROOT / page).read_text(encoding="utf-8"))
     assert list(documented) == [int(code) for code in ExitCode]
     # each row says what the code is for, as the enum names it
     for code in ExitCode:
         word = {"INCOMPATIBLE": "do not fit", "GATE_FAILED": "gate"}.get(code.name, code.name)
         assert word.lower() in documented[int(code)].lower(), (code, documented[int(code)])
+
+
+def test_the_readme_is_a_front_door() -> None:
+    """Short, with the two set-up commands, and every page of docs/ linked from it."""
+    assert len(README.splitlines()) <= README_MAX_LINES
+    assert "make demo" in README and "make test" in README
+    pages = sorted(p.name for p in DOCS.glob("*.md"))
+    assert len(pages) >= 4
+    unlinked = [name for name in pages if f"(docs/{name})" not in README]
+    assert unlinked == []
+
+
+def test_every_relative_link_in_the_docs_leads_to_a_file() -> None:
+    link = re.compile(r"\]\(([^)#:]+)(?:#[^)]*)?\)")
+    broken = []
+    for page in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        for target in link.findall(page.read_text(encoding="utf-8")):
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert broken == []
 
 
 def project_files() -> list[Path]:

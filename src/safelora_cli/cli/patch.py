@@ -72,7 +72,7 @@ def patch(
     is patched on D = W_ft − W_aligned: its selected weights become W_aligned + P D, every other
     tensor and file stays the fine-tune's. Cost per weight O(out·in·min(out, in)): about 1-2 s
     for a 2048 x 5632 weight on 2 CPU cores, 20-45 min for a 7B model (extrapolated); --device
-    cuda uses a GPU (not measured yet; see README).
+    cuda uses a GPU (not measured yet; see docs/performance.md).
     """
     with errors_to_exit():
         paths, batch = adapter_list(adapters)

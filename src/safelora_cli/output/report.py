@@ -1,6 +1,6 @@
 """Report: the schema-versioned JSON record of a run, built from plain values (no torch).
 
-The schema is documented in README.md ("Report"); ``SCHEMA_VERSION`` changes when a field is
+The schema is documented in docs/report.md; ``SCHEMA_VERSION`` changes when a field is
 removed or changes meaning, not when one is added.
 """
 

@@ -94,7 +94,8 @@ def test_exit_code_tables_are_the_exit_code_enum(page: str) -> None:
 def test_the_readme_is_a_front_door() -> None:
     """Short, with the two set-up commands, and every page of docs/ linked from it."""
     assert len(README.splitlines()) <= README_MAX_LINES
-    assert "make demo" in README and "make test" in README
+    assert "make demo" in README
+    assert "make test" in README
     pages = sorted(p.name for p in DOCS.glob("*.md"))
     assert len(pages) >= 4
     unlinked = [name for name in pages if f"(docs/{name})" not in README]

@@ -42,7 +42,7 @@ def read_grid(text: str, first: int = 0) -> tuple[list[str], dict[int, dict[str,
 
 
 def expected_cell(module: dict[str, Any]) -> str:
-    """What docs/cli-patch.md's legend promises for a module: ``*`` if projected, the first decimal."""
+    """What the documented legend promises for a module: ``*`` if projected, the first decimal."""
     if module["cosine"] is None:
         return "--"
     return ("*" if module["projected"] else "") + str(math.floor(module["cosine"] * 10))

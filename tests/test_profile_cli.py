@@ -17,6 +17,7 @@ from safelora_cli.sources.profile import SCHEMA_VERSION
 from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapter, make_pair
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import (
+    MODEL,
     REPORT,
     WEIGHTS,
     assert_error,
@@ -238,3 +239,44 @@ def test_show_renders_a_report_made_through_a_profile(trio: Trio, tmp_path: Path
     shown = invoke(["show", str(out / REPORT)])
     assert shown.exit_code == ExitCode.OK, shown.stderr
     assert "via profile" in shown.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "flag"),
+    [(["--tolerance", "0"], "--tolerance"),
+     (["--tolerance", "-0.0"], "--tolerance"),
+     (["--tolerance", "1e-400"], "--tolerance"),  # parses to 0.0: refused, not the default
+     (["--tolerance", "nan"], "--tolerance"),
+     (["--tolerance", "1"], "--tolerance"),
+     (["--tolerance", "-0.5"], "--tolerance"),
+     (["--rank", "0"], "--rank"),
+     (["--rank", "-2"], "--rank"),
+     (["--max-rank", "0"], "--max-rank")],
+)  # fmt: skip
+def test_a_rank_rule_out_of_range_is_exit_2_never_the_default(
+    trio: Trio, tmp_path: Path, flags: list[str], flag: str
+) -> None:
+    out = tmp_path / "p.safetensors"
+    result = invoke(["profile", *pair(trio), "--output", str(out), *flags])
+    line = assert_error(result, ExitCode.USAGE, flag)
+    assert "Traceback" not in result.stderr
+    assert "0.01" not in line  # never replaced by the default tolerance
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_profile_messages_name_the_aligned_model_not_a_fine_tune(
+    trio: Trio, tmp_path: Path
+) -> None:
+    out = tmp_path / "p.safetensors"
+    unknown = invoke(["profile", *pair(trio), "--output", str(out), "--targets", "no_such_proj"])
+    line = assert_error(unknown, ExitCode.USAGE, "--targets no_such_proj", "the aligned model")
+    assert "fine-tune" not in line
+    regex = invoke(["profile", *pair(trio), "--output", str(out), "--targets", "nothing.*here"])
+    line = assert_error(regex, ExitCode.USAGE, "no weight of the aligned model")
+    assert "fine-tune" not in line
+    edit_tensors(trio.base / MODEL, lambda t: t.pop(f"{trio.modules[0]}.weight"))
+    missing = invoke(["profile", *pair(trio), "--output", str(out)])
+    line = assert_error(missing, ExitCode.INCOMPATIBLE, "in the aligned model, absent in the base")
+    assert "fine-tune" not in line
+    assert not out.exists()

@@ -32,6 +32,12 @@ NUMBER, THRESHOLD = Select.NUMBER, Select.THRESHOLD
         pytest.param({"projection": "subspace", "rank": 2, "energy": 0.5}, "--rank", id="both"),
         pytest.param({"projection": "subspace", "rank": 0}, "--rank", id="rank-zero"),
         pytest.param({"projection": "subspace", "energy": 1.5}, "--energy", id="energy-above-1"),
+        pytest.param({"projection": "subspace", "energy": 0.0}, "--energy", id="energy-zero"),
+        pytest.param({"projection": "subspace", "energy": -0.0}, "--energy", id="energy-minus-0"),
+        pytest.param({"projection": "subspace", "energy": math.nan}, "--energy", id="energy-nan"),
+        # an unused cut out of range is a mistake too, never silently ignored
+        pytest.param({"threshold": 5.0}, "--threshold", id="t-out-of-range-in-number-mode"),
+        pytest.param({"select": THRESHOLD, "num_layers": 0}, "--num-layers", id="k-zero-unused"),
     ],
 )
 def test_invalid_settings_are_usage_errors(changes: dict[str, Any], flag: str) -> None:
@@ -49,8 +55,8 @@ def test_unknown_choice_lists_the_choices() -> None:
 @pytest.mark.parametrize(
     "changes",
     [
-        pytest.param({"num_layers": 1, "threshold": 5.0}, id="k-one-threshold-ignored"),
-        pytest.param({"select": "threshold", "threshold": -1.0, "num_layers": 0}, id="t-minus-1"),
+        pytest.param({"num_layers": 1, "threshold": 1.0}, id="k-one"),
+        pytest.param({"select": "threshold", "threshold": -1.0, "num_layers": 1}, id="t-minus-1"),
         pytest.param({"select": "threshold", "threshold": 1.0}, id="t-one"),
         pytest.param({"projection": "subspace", "energy": 1.0}, id="energy-one"),
     ],

@@ -80,11 +80,12 @@ class Settings:
         object.__setattr__(self, "select", _choice(Select, self.select, "--select"))
         object.__setattr__(self, "targets", tuple(self.targets or ()))
         object.__setattr__(self, "projection", _choice(Projection, self.projection, "--projection"))
-        if self.select is Select.THRESHOLD and not -1.0 <= self.threshold <= 1.0:
+        # checked whichever --select uses them: a value out of range is a mistake either way
+        if not -1.0 <= self.threshold <= 1.0:
             raise UsageError(
                 f"--threshold {self.threshold} is outside [-1, 1]", "a cosine lies in [-1, 1]"
             )
-        if self.select is Select.NUMBER and self.num_layers < 1:
+        if self.num_layers < 1:
             raise UsageError(
                 f"--num-layers {self.num_layers} must be at least 1",
                 "pick K between 1 and the number of modules, or use --select threshold",

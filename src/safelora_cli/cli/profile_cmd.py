@@ -31,6 +31,10 @@ Examples:
 """
 
 
+def _given(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 @app.command("profile", epilog=EXAMPLES)
 def profile_command(
     output: Annotated[
@@ -98,7 +102,8 @@ def profile_command(
             raise UsageError("give --rank or --tolerance, not both")
         rule = RankRule(
             rank=rank,
-            tolerance=None if rank is not None else (tolerance or PROFILE_TOLERANCE),
+            # only an absent --tolerance takes the default: 0, -0.0 or 1e-400 (0.0) is refused
+            tolerance=None if rank is not None else _given(tolerance, PROFILE_TOLERANCE),
             max_rank=max_rank,
         )
         assert config.base is not None  # no --profile here, so resolve_run required both

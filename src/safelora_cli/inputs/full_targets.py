@@ -117,9 +117,12 @@ def is_candidate(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def select_targets(
-    shapes: Mapping[str, tuple[int, ...]], targets: Targets = Targets()
+    shapes: Mapping[str, tuple[int, ...]],
+    targets: Targets = Targets(),
+    model: str = "the fine-tune",
 ) -> list[str]:
-    """The weight names ``targets`` selects among ``shapes`` (name -> shape), in input order.
+    """The weight names ``targets`` selects among ``shapes`` (name -> shape), in input order;
+    ``model`` names the model the shapes are of in errors ("the aligned model" for a profile).
 
     Raises:
         UsageError: nothing selected, or a list entry that names no 2-D weight (with a hint for
@@ -135,7 +138,7 @@ def select_targets(
     if unmatched:
         tied = any(_leaf(e) in OUTPUT_HEADS for e in unmatched)
         raise UsageError(
-            f"--targets {', '.join(unmatched[:_SHOW])}: names no 2-D weight of the fine-tune",
+            f"--targets {', '.join(unmatched[:_SHOW])}: names no 2-D weight of {model}",
             "this model ties lm_head to its input embedding: name that instead"
             if tied
             else "module names are weight names without '.weight', or their last parts",
@@ -143,7 +146,7 @@ def select_targets(
     if not chosen:
         what = f"--targets {targets.describe()}" if targets.describe() else "the default targets"
         raise UsageError(
-            f"{what}: no weight of the fine-tune is selected",
+            f"{what}: no weight of {model} is selected",
             "name the modules with --targets (a list, a regex or all-linear)",
         )
     return chosen
@@ -175,6 +178,7 @@ def pair_full_weights(
     base: TensorIndex | None,
     targets: Targets = Targets(),
     model_type: str | None = None,
+    model: str = "the fine-tune",
 ) -> list[FullPair]:
     """Check the fine-tune against the aligned model and pair every targeted weight.
 
@@ -183,6 +187,7 @@ def pair_full_weights(
         base: the base model (None when a profile stands in for it).
         targets: which weights to patch.
         model_type: ``model_type`` from the fine-tune's config.json (Conv1D layouts).
+        model: how messages name ``ft`` ("the aligned model" when profiling a pair).
     Returns:
         The targeted pairs, in the fine-tune's shard/offset order (the order to write them in).
     Raises:
@@ -193,7 +198,7 @@ def pair_full_weights(
         UsageError: from ``select_targets``.
     """
     problems = model_problems(ft, aligned)
-    chosen = select_targets({n: i.shape for n, i in ft.tensors.items()}, targets)
+    chosen = select_targets({n: i.shape for n, i in ft.tensors.items()}, targets, model)
     pairs, more = [], []
     conv1d = model_type in CONV1D_MODEL_TYPES
     for name in chosen:
@@ -201,7 +206,7 @@ def pair_full_weights(
         base_info = base.get(name) if base is not None else None
         if base is not None and (base_info is None or base_info.shape != ft_info.shape):
             found = "absent" if base_info is None else list(base_info.shape)
-            more.append(f"{name}: {list(ft_info.shape)} in the fine-tune, {found} in the base")
+            more.append(f"{name}: {list(ft_info.shape)} in {model}, {found} in the base")
         quantized = [
             i for i in (ft_info, aligned_info, base_info) if i and i.dtype not in FLOAT_DTYPES
         ]
@@ -211,11 +216,14 @@ def pair_full_weights(
             pairs.append(FullPair(name, ft_info, aligned_info, base_info, transpose))
     problems += _first(more, "targeted weight problems")
     if problems:
-        raise IncompatibleInputError(
-            "; ".join(problems),
+        hint = (
             "give the aligned model the fine-tune was trained from, unquantized "
-            "(fp32/fp16/bf16), and a base model of the same architecture",
+            "(fp32/fp16/bf16), and a base model of the same architecture"
+            if ft is not aligned
+            else "give the base model of the aligned one: same architecture, unquantized "
+            "(fp32/fp16/bf16)"
         )
+        raise IncompatibleInputError("; ".join(problems), hint)
     return sorted(pairs, key=lambda p: (str(p.ft.path), p.ft.offset))
 
 

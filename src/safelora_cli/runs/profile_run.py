@@ -94,6 +94,7 @@ def make_profile(
         base_index,
         Targets.parse(targets) if targets else Targets(),
         model_type if isinstance(model_type, str) else None,
+        model="the aligned model",
     )
     check_profile_output(output, force)
     entries = _entries(pairs, rule, device or torch.device("cpu"), progress)

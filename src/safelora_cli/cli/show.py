@@ -11,7 +11,6 @@ import typer
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
 from safelora_cli.display.terminal import show_report, write_stdout
-from safelora_cli.errors import FilesystemError
 
 EXAMPLES = """\b
 Examples:
@@ -50,11 +49,11 @@ def show_command(
         reports = read_reports(report)
         if html is not None:
             from safelora_cli.display.html_report import render_html
-            from safelora_cli.output.writer import write_text
+            from safelora_cli.output.atomic import write_text
+            from safelora_cli.output.target import check_target
 
-            if html.exists() and not force:
-                raise FilesystemError(f"--html {html}: exists", "pass --force to replace it")
-            write_text(html, render_html(reports if len(reports) > 1 else reports[0]))
+            check_target(html, "--html", force=force)
+            write_text(html, render_html(reports if len(reports) > 1 else reports[0]), "--html")
         if as_json:
             data = reports if len(reports) > 1 else reports[0]
             write_stdout(json.dumps(data, indent=2) + "\n")

@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any, BinaryIO
 
 from safelora_cli.errors import CorruptFileError
+from safelora_cli.output.target import check_replaceable
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
@@ -89,10 +90,37 @@ def remove_tree(stage: Path) -> None:
         raise
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``os.umask`` sets it
+    to read it: a window in which another thread would create files with the wrong mode)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open``: 0o666 less the umask (0o644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets from ``mkdir``: 0o777 less the umask (0o755 under 022)."""
+    return 0o777 & ~current_umask()
+
+
 def stage_file(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write a temporary file beside ``path`` with ``write`` (synced to disk) and return it."""
+    """Write a temporary file beside ``path`` with ``write`` (synced to disk, with the mode the
+    umask gives a new file, as any tool's output) and return it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes it 0600 whatever the umask
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -113,22 +141,26 @@ def stage_json(path: Path, value: Any) -> Path:
     return stage_file(path, dump)
 
 
-def _replace(tmp: Path, path: Path) -> None:
+def replace_file(tmp: Path, path: Path, flag: str = "--output") -> None:
+    """Rename the staged ``tmp`` over ``path``, unless a device, FIFO or socket appeared there
+    during the run (``target.check_replaceable``); ``tmp`` is removed on any failure."""
     try:
+        check_replaceable(path, flag)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically: to a temporary file beside ``path``, then renamed over it."""
-    _replace(stage_file(path, lambda fh: fh.write(text.encode("utf-8"))), path)
+def write_text(path: Path, text: str, flag: str = "--output") -> None:
+    """Write a text file atomically: to a temporary file beside ``path``, then renamed over it;
+    ``flag`` names the option that gave ``path`` in errors."""
+    replace_file(stage_file(path, lambda fh: fh.write(text.encode("utf-8"))), path, flag)
 
 
-def write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any, flag: str = "--output") -> None:
     """Write JSON atomically, as ``write_text``."""
-    _replace(stage_json(path, value), path)
+    replace_file(stage_json(path, value), path, flag)
 
 
 def save_safetensors(
@@ -139,7 +171,8 @@ def save_safetensors(
 ) -> None:
     """Write a safetensors file with ``save`` (``safetensors.torch.save_file``), with its I/O
     failures (disk full) raised as the OSError they are: safetensors reports them as its own
-    error type, with the OS error number in the message."""
+    error type, with the OS error number in the message; the file gets the mode the umask
+    gives (safetensors makes it 0600)."""
     try:
         save(dict(tensors), str(path), metadata=metadata)
     except Exception as exc:
@@ -148,6 +181,33 @@ def save_safetensors(
             raise
         code = int(found[1])
         raise OSError(code, os.strerror(code), str(path)) from exc
+    os.chmod(path, file_mode())  # safetensors makes its files 0600 whatever the umask
+
+
+def write_safetensors(
+    save: Callable[..., None],
+    path: Path,
+    tensors: Mapping[str, Any],
+    metadata: dict[str, str] | None,
+    flag: str = "--output",
+) -> None:
+    """Write a safetensors file atomically (``save_safetensors`` into a temporary file beside
+    ``path``, synced, renamed over it): it appears complete under its name or not at all.
+
+    Raises:
+        OSError: writing failed (disk full included); nothing is left behind.
+        FilesystemError: a device, FIFO or socket appeared at ``path`` (left as it is).
+    """
+    parent = path.resolve().parent
+    tmp = stage_file(path, lambda fh: None)
+    try:
+        save_safetensors(save, tmp, tensors, metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        replace_file(tmp, path, flag)
+        fsync_folder(parent)
+    finally:  # on success tmp was renamed away; on any failure (Ctrl-C included) it goes
+        tmp.unlink(missing_ok=True)
 
 
 def fsync_folder(folder: Path) -> None:

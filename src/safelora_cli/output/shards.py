@@ -4,9 +4,10 @@ A replaced tensor keeps its dtype and shape, so every output shard is the source
 byte ranges overwritten: headers, untouched tensors, shard names, the index and the sidecar files
 (config, generation config, tokenizer) are the source's, byte for byte. Each replacement is
 written as soon as it is given (memory stays O(one tensor) whatever the model size), after the
-source bytes before it, copied by the kernel (``os.copy_file_range``); ``finalize`` copies what is
-left. Replacements given in offset order (as the plans give them) make every shard one sequential
-write in which every byte is written once. (Copying whole shards first and overwriting them wrote
+source bytes before it, copied by the kernel (``os.copy_file_range``; through a buffer where the
+kernel refuses, e.g. to another file system); ``finalize`` copies what is left. Replacements given
+in offset order (as the plans give them) make every shard one sequential write in which every
+byte is written once. (Copying whole shards first and overwriting them wrote
 a merged 22-layer model's bytes twice: 5.3 s of a 13 s merge; writing replacements into a sparse
 file first was slower than sequential writes on the machine measured.)
 
@@ -17,6 +18,7 @@ generation config, tokenizer, the index) under ``sidecars.py``'s policy.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from io import FileIO
@@ -185,22 +187,39 @@ def _gaps(written: list[tuple[int, int]], size: int) -> Iterator[tuple[int, int]
         yield position, size
 
 
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                             errno.ENOTSUP, errno.EBADF, errno.EPERM})  # fmt: skip
+"""What ``copy_file_range`` answers where the kernel will not copy between these two files:
+another file system (EXDEV, before Linux 5.3 and again between file system types since 5.18),
+no such call (ENOSYS: old kernels, seccomp filters), file systems that cannot (EINVAL,
+EOPNOTSUPP: some FUSE and network file systems; EBADF, EPERM: some sandboxes)."""
+_BUFFER = 1 << 24
+
+
 def copy_range(source: FileIO, target: FileIO, start: int, stop: int) -> None:
     """Copy bytes [start, stop) of ``source`` to the same offsets of ``target``, in the kernel
-    where it can (``os.copy_file_range``), else through a buffer.
+    where it can (``os.copy_file_range``), else through a buffer (another file system: the
+    kernel refuses, see ``_NO_KERNEL_COPY``); the bytes written are the same either way.
 
     Raises:
         CorruptFileError: ``source`` ends early (it changed since it was indexed).
         OSError: writing failed (disk full included).
     """
     position = start
+    kernel = hasattr(os, "copy_file_range")
     while position < stop:
         count = min(stop - position, 1 << 30)
-        if hasattr(os, "copy_file_range"):
-            done = os.copy_file_range(source.fileno(), target.fileno(), count, position, position)
-        else:  # pragma: no cover (not Linux)
-            data = os.pread(source.fileno(), min(count, 1 << 24), position)
-            done = os.pwrite(target.fileno(), data, position) if data else 0
+        done = -1
+        if kernel:
+            try:
+                done = os.copy_file_range(source.fileno(), target.fileno(), count, position,
+                                          position)  # fmt: skip
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel = False
+        if done < 0:
+            done = _copy_buffered(source, target, position, min(count, _BUFFER))
         if done == 0:
             raise CorruptFileError(
                 f"{source.name}: ends at byte {position}, {stop} expected; the file changed "
@@ -208,3 +227,14 @@ def copy_range(source: FileIO, target: FileIO, start: int, stop: int) -> None:
                 "run again once it is stable",
             )
         position += done
+
+
+def _copy_buffered(source: FileIO, target: FileIO, position: int, count: int) -> int:
+    """Copy up to ``count`` bytes at ``position`` through memory; returns how many (0: the
+    source ends there)."""
+    data = os.pread(source.fileno(), count, position)
+    view, offset = memoryview(data), position
+    while view:
+        written = os.pwrite(target.fileno(), view, offset)
+        view, offset = view[written:], offset + written
+    return len(data)

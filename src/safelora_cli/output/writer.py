@@ -49,6 +49,7 @@ from safelora_cli.output.atomic import (
 )
 from safelora_cli.output.report import REPORT_NAME
 from safelora_cli.output.sidecars import plan_sidecars
+from safelora_cli.output.target import check_replaceable, check_target, resolve_named
 
 __all__ = ["OutputFolder", "cast_checked", "check_output", "check_report_path", "output_error",
            "write_adapter", "write_json", "write_text"]  # fmt: skip
@@ -57,72 +58,33 @@ _OLD_PREFIX = ".safelora-old-"
 
 
 def check_output(target: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse an output that would be unsafe to write, before any work is done.
+    """Refuse an output folder that would be unsafe to write, before any work is done
+    (``target.check_target``: the one policy every output goes through).
 
     Args:
         target: the output folder (need not exist).
         inputs: local input folders the output must not be, nor be inside.
         force: allow replacing safelora's files in an existing non-empty folder.
     Raises:
-        FilesystemError: symlink, not a folder, exists and not empty without ``force``, inside an
-            input, parent missing or not writable.
+        FilesystemError: a device, FIFO or socket (even with ``force``), symlink, not a folder,
+            exists and not empty without ``force``, inside an input, parent missing or not
+            writable.
     """
-    resolved = _resolved(target, "--output")
-    if target.is_symlink():
-        raise FilesystemError(f"--output {target}: is a symlink", "give a real folder path")
-    for folder in inputs:
-        if resolved == folder or folder in resolved.parents:
-            raise FilesystemError(
-                f"--output {target}: is inside the input folder {folder}",
-                "write the patched adapter to a new folder",
-            )
-    if target.exists():
-        if not target.is_dir():
-            raise FilesystemError(f"--output {target}: exists and is not a folder")
-        if any(target.iterdir()) and not force:
-            raise FilesystemError(
-                f"--output {target}: exists and is not empty",
-                "choose a new folder, or pass --force to replace safelora's files in it",
-            )
-    parent = resolved.parent
-    if not parent.is_dir():
-        raise FilesystemError(f"--output {target}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FilesystemError(f"--output {target}: cannot write in {parent} (permission denied)")
+    check_target(target, "--output", folder=True, force=force, inputs=inputs)
 
 
 def check_report_path(path: Path, inputs: list[Path], output: Path, force: bool) -> None:
     """Refuse a ``--report`` path before any work: inside the output or an input, an existing
-    file without ``force``, behind a symlink, or with no writable parent folder."""
-    resolved = _resolved(path, "--report")
-    target = _resolved(output, "--output")
+    file without ``force``, a device, FIFO or socket, behind a symlink, or with no writable
+    parent folder."""
+    resolved = resolve_named(path, "--report")
+    target = resolve_named(output, "--output")
     if resolved == target or target in resolved.parents:
         raise UsageError(
             f"--report {path}: is inside the output folder {output}",
             "leave --report out to write the report there, or give a path outside it",
         )
-    if path.is_symlink() or path.is_dir():
-        raise FilesystemError(f"--report {path}: is a symlink or a folder", "give a file path")
-    if any(folder in resolved.parents for folder in inputs):
-        raise FilesystemError(f"--report {path}: is inside an input folder")
-    if path.exists() and not force:
-        raise FilesystemError(
-            f"--report {path}: exists", "choose a new path, or pass --force to replace it"
-        )
-    if not os.access(resolved.parent, os.W_OK | os.X_OK):
-        raise FilesystemError(f"--report {path}: cannot write in {resolved.parent}")
-
-
-def _resolved(path: Path, flag: str) -> Path:
-    """``path`` resolved; a name the file system cannot hold is a usage error, not an I/O one."""
-    try:
-        os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:
-            raise UsageError(f"{flag} {path}: the name is too long for the file system") from exc
-    return path.resolve()
+    check_target(path, "--report", force=force, inputs=inputs)
 
 
 class OutputFolder(AbstractContextManager["OutputFolder"]):
@@ -162,7 +124,7 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
     def open(self) -> None:
         """Create the staging folder."""
         try:
-            self.path.mkdir(mode=0o700)
+            self.path.mkdir()  # the umask decides the published folder's mode
         except OSError as exc:  # FileExistsError included: never remove a folder that is not ours
             raise output_error(self.target, exc) from exc
         except BaseException:
@@ -226,6 +188,9 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
         with publish_lock(self.parent), deferred_signals() as caught:
+            check_replaceable(self.target, "--output")
+            for _, path in self._attached:  # never the folder without its report
+                check_replaceable(path, "--report")
             if self.force and _has_entries(self.target):
                 self._swap()
             else:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from safelora_cli.errors import FilesystemError, NumericalError
+from safelora_cli.errors import NumericalError
 from safelora_cli.math.lowrank import AUTO, LowRank, RankRule, decompose
-from safelora_cli.output.atomic import fsync_folder, save_safetensors
+from safelora_cli.output.atomic import write_safetensors
+from safelora_cli.output.target import check_target
 from safelora_cli.output.writer import output_error
 from safelora_cli.sources.profile import CERTIFICATE_FIELDS, FORMAT, SCHEMA_VERSION, tensor_sha256
 from safelora_cli.sources.profile_summary import rule_json
@@ -93,23 +92,14 @@ def _to_cpu(entry: LowRank) -> LowRank:
 
 
 def check_profile_output(path: Path, force: bool) -> None:
-    """Refuse an output path that cannot be written safely, before any work is done.
+    """Refuse an output path that cannot be written safely, before any work is done
+    (``output.target.check_target``, the policy of every output).
 
     Raises:
-        FilesystemError: a symlink or folder, an existing file without ``force``, a parent folder
-            missing or not writable.
+        FilesystemError: a device, FIFO or socket (even with ``force``), a symlink or folder, an
+            existing file without ``force``, a parent folder missing or not writable.
     """
-    if path.is_symlink() or path.is_dir():
-        raise FilesystemError(f"--output {path}: is a symlink or a folder", "give a file path")
-    if path.exists() and not force:
-        raise FilesystemError(
-            f"--output {path}: exists", "choose a new file name, or pass --force to replace it"
-        )
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise FilesystemError(f"--output {path}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise FilesystemError(f"--output {path}: cannot write in {parent} (permission denied)")
+    check_target(path, "--output", force=force)
 
 
 def write_profile(
@@ -173,19 +163,7 @@ def _weight_metadata(
 
 
 def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    parent = path.resolve().parent
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
+        write_safetensors(save_file, path, tensors, metadata)
     except OSError as exc:
         raise output_error(path, exc) from exc
-    try:
-        save_safetensors(save_file, Path(tmp), tensors, metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_folder(parent)
-    except OSError as exc:
-        raise output_error(path, exc) from exc
-    finally:  # on success tmp was renamed away; on any failure (Ctrl-C included) it goes
-        Path(tmp).unlink(missing_ok=True)

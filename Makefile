@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test check lint imports format typecheck bench clean
+.PHONY: venv demo test check lint imports format typecheck bench bench-7b clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,10 @@ check: lint imports typecheck test
 bench: $(STAMP)
 	$(PY) -m pip install -q py-spy || echo "py-spy not installed: the profile falls back to cProfile (main thread only)"
 	$(PY) bench/run.py
+
+# opt-in, never in CI: the Llama-2-7B shape (needs ~60 GB of disk, about an hour on 2 cores)
+bench-7b: $(STAMP)
+	$(PY) bench/bench_7b.py
 
 clean:
 	rm -rf $(VENV) demo bench/cache .pytest_cache .mypy_cache .ruff_cache

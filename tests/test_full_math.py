@@ -351,6 +351,7 @@ def test_the_patched_fine_tune_loads_in_transformers_with_every_key(
         assert torch.equal(state[name], written[name])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_score_and_the_merged_weight_match_the_cpu() -> None:
     v = low_rank(300, 200, 6, seed=15)

@@ -187,6 +187,7 @@ def test_randomized_path_is_deterministic_and_leaves_the_rng_alone(
     assert first.cosine == second.cosine
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_randomized_path_is_deterministic_on_cuda() -> None:
     """The randomized basis draws its sketch from a seeded CUDA generator of its own."""

@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 
-from safelora_cli.api import Settings, prepare
+from safelora_cli.inputs.adapter import load_adapter
+from safelora_cli.inputs.index import index_folder
 from safelora_cli.inputs.loader import TensorReader
-from safelora_cli.inputs.pairing import ModulePair
+from safelora_cli.inputs.pairing import ModulePair, pair_modules
 from safelora_cli.math import projection
 from safelora_cli.math.projection import (
     factored_cosine,
@@ -151,8 +152,10 @@ def sample_phases(
 
 
 def run(root: Path, sample_layers: int) -> dict[str, Any]:
-    job = prepare([root / "adapter"], root / "base", root / "aligned", Settings())
-    pairs = sorted(job.adapters[0].pairs, key=lambda p: (str(p.base.path), p.base.offset))
+    found = pair_modules(
+        load_adapter(root / "adapter"), index_folder(root / "base"), index_folder(root / "aligned")
+    )
+    pairs = sorted(found, key=lambda p: (str(p.base.path), p.base.offset))
     sampled = [p for p in pairs if int(p.name.split(".")[2]) < sample_layers]
     buffers = Buffers(pairs)
     clock = Clock()

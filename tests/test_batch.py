@@ -13,8 +13,8 @@ import pytest
 from safetensors.torch import load_file
 
 from safelora_cli import Settings, patch_many, score_many
-from safelora_cli import api as pipeline
 from safelora_cli.errors import ExitCode, FilesystemError
+from safelora_cli.runs import execute
 from safelora_cli.synthetic import make_adapter
 from tests.conftest import Trio
 from tests.helpers import (
@@ -247,7 +247,7 @@ def test_batch_without_force_never_replaces_a_folder_that_appeared_during_the_ru
     the adapter before it is published complete, the one after it is not written."""
     adapters = [trio.adapter, *more_adapters(trio)]
     out = tmp_path / "out"
-    real_score_job = pipeline.score_job
+    real_score_job = execute.score
 
     def score_job(*args: Any, **kwargs: Any) -> Any:
         scored = real_score_job(*args, **kwargs)
@@ -255,7 +255,7 @@ def test_batch_without_force_never_replaces_a_folder_that_appeared_during_the_ru
         (out / "second" / "notes.txt").write_text("another run's")
         return scored
 
-    monkeypatch.setattr(pipeline, "score_job", score_job)
+    monkeypatch.setattr(execute, "score", score_job)
     result = cli(["patch", *map(str, adapters), *model_args(trio), "-o", str(out), "-k", "3", "-q"])
     assert_error(result, ExitCode.FILESYSTEM, str(out / "second"), "appeared during the run")
     assert snapshot(out / "second") == {"notes.txt": b"another run's"}

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from safelora_cli import api as pipeline
 from safelora_cli.cli._errors import as_error
 from safelora_cli.errors import (
     CorruptFileError,
@@ -22,6 +21,7 @@ from safelora_cli.errors import (
 from safelora_cli.inputs.adapter import load_adapter
 from safelora_cli.inputs.index import TensorIndex, index_folder
 from safelora_cli.inputs.pairing import pair_modules
+from safelora_cli.runs import execute
 from tests.conftest import Trio
 from tests.helpers import assert_error, invoke
 
@@ -104,7 +104,7 @@ def test_an_unexpected_exception_is_an_internal_error_line_with_the_documented_c
     def bug(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("planted")
 
-    monkeypatch.setattr(pipeline, "score_job", bug)
+    monkeypatch.setattr(execute, "score", bug)
     out = tmp_path / "out"
     result = invoke(trio.patch_args(out, "--quiet"))
     assert_error(

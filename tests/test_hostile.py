@@ -316,7 +316,7 @@ def test_batch_writing_failure_publishes_nothing(
 
 
 def test_batch_publish_race_says_what_was_published(tmp_path: Path) -> None:
-    from safelora_cli.api import _publish_all
+    from safelora_cli.runs.execute import publish_all
 
     folders = [OutputFolder(tmp_path / name) for name in ("a", "b", "c")]
     for folder in folders:
@@ -325,7 +325,7 @@ def test_batch_publish_race_says_what_was_published(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "theirs").write_text("another run")
     with pytest.raises(FilesystemError) as caught:
-        _publish_all(folders)
+        publish_all(folders)
     assert "published a; not published: c" in caught.value.message
     assert (tmp_path / "a" / "w").read_text() == "a"
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["theirs"]

@@ -20,9 +20,10 @@ import pytest
 import safetensors
 import torch
 
-from safelora_cli import api as pipeline
 from safelora_cli.errors import ExitCode
 from safelora_cli.output import writer
+from safelora_cli.runs import execute
+from safelora_cli.runs.run import Run
 from tests.conftest import Trio
 from tests.helpers import (
     CONFIG,
@@ -226,14 +227,14 @@ def test_disk_full_with_force_keeps_the_existing_files(
 
 def _after_prepare(monkeypatch: pytest.MonkeyPatch, change: Callable[[], None]) -> None:
     """Run ``change`` once the headers are validated, before any tensor data is read."""
-    real = pipeline.prepare
+    real = execute.prepare
 
-    def prepare(*args: Any, **kwargs: Any) -> pipeline.Job:
+    def prepare(*args: Any, **kwargs: Any) -> Run:
         job = real(*args, **kwargs)
         change()
         return job
 
-    monkeypatch.setattr(pipeline, "prepare", prepare)
+    monkeypatch.setattr(execute, "prepare", prepare)
 
 
 def _replace_with_other_shapes(path: Path) -> None:

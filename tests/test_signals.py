@@ -28,10 +28,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safelora_cli import api as pipeline
 from safelora_cli.errors import ExitCode
 from safelora_cli.output import writer
 from safelora_cli.output.writer import STAGE_PREFIX
+from safelora_cli.runs import execute
 from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapter, make_pair
 from tests.conftest import Trio
 from tests.helpers import (
@@ -241,14 +241,14 @@ def test_interrupt_swallowed_inside_the_math_still_exits_130_with_a_complete_out
 ) -> None:
     reference = tmp_path / "reference"
     expect_ok(invoke(trio.patch_args(reference, "--quiet")), reference)
-    real_score_job = pipeline.score_job
+    real_score_job = execute.score
 
     def score_job(*args: Any, **kwargs: Any) -> Any:
         scored = real_score_job(*args, **kwargs)
         _swallowed_interrupt()
         return scored
 
-    monkeypatch.setattr(pipeline, "score_job", score_job)
+    monkeypatch.setattr(execute, "score", score_job)
     output = tmp_path / "out"
     result = invoke(trio.patch_args(output, "--quiet"))
     assert result.exit_code == ExitCode.INTERRUPTED, result.stderr

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from safelora_cli.errors import CorruptFileError
-from safelora_cli.inputs.pairing import ModulePair
+from safelora_cli.inputs.adapter import load_adapter
+from safelora_cli.inputs.index import index_folder
+from safelora_cli.inputs.pairing import ModulePair, pair_modules
 from safelora_cli.math import projection
 from safelora_cli.math.projection import paper_projections, subspace_basis
-from safelora_cli.runs.job import prepare
-from safelora_cli.settings import Settings
 from safelora_cli.sources.stream import map_alignment, worker_plan
 from tests.conftest import TrioFactory
 from tests.helpers import read_tensors, rel_err, truncate
@@ -29,8 +29,10 @@ CPU = torch.device("cpu")
 def weights(make_trio: TrioFactory) -> tuple[list[ModulePair], dict[str, torch.Tensor]]:
     """The pairs of a bf16 trio, in shard order, and V in float64 for each base weight."""
     trio = make_trio(dtype=torch.bfloat16, shards=2)
-    job = prepare([trio.adapter], trio.base, trio.aligned, Settings())
-    pairs = sorted(job.adapters[0].pairs, key=lambda p: p.base.location)
+    found = pair_modules(
+        load_adapter(trio.adapter), index_folder(trio.base), index_folder(trio.aligned)
+    )
+    pairs = sorted(found, key=lambda p: p.base.location)
     base, aligned = read_tensors(trio.base), read_tensors(trio.aligned)
     dense = {p.base.name: aligned[p.base.name].double() - base[p.base.name].double() for p in pairs}
     return pairs, dense

@@ -100,7 +100,7 @@ def _inspect_profile(path: Path, as_json: bool) -> None:
 
 
 def _is_model(ref: str) -> bool:
-    from safelora_cli.runs.job import FULL, input_kind
+    from safelora_cli.runs.inspection import FULL, input_kind
 
     return Path(ref).is_dir() and input_kind(Path(ref)) == FULL
 
@@ -111,7 +111,7 @@ def _inspect_model(model: str, aligned: str | None, revision: str | None, as_jso
             f"{model}: is a full model; inspecting it compares it with --aligned",
             "give --aligned REF, the model it was fine-tuned from",
         )
-    from safelora_cli.runs.finetune import inspect_full
+    from safelora_cli.runs.inspect_full import inspect_full
 
     info = inspect_full(model, aligned, revision)
     if as_json:

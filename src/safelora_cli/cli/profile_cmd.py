@@ -90,10 +90,10 @@ def profile_command(
     """Make an alignment profile: per weight the leading singular vectors and values of
     V = W_aligned − W_base, a small file that stands in for the model pair (--profile)."""
     with errors_to_exit():
+        from safelora_cli.api import make_profile
         from safelora_cli.inputs.config import resolve_run
         from safelora_cli.math.lowrank import RankRule
-        from safelora_cli.runs.profile_run import make_profile
-        from safelora_cli.runs.scoring import resolve_device
+        from safelora_cli.runs.run import resolve_device
 
         flags = {"preset": preset, "base": base, "aligned": aligned, "revision": revision,
                  "device": device, "targets": targets or None}  # fmt: skip

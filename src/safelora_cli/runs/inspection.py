@@ -9,6 +9,7 @@ would stop on. No tensor data is read and torch is never imported.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
@@ -16,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from safelora_cli.errors import PairingError
-from safelora_cli.inputs.adapter import Adapter, LoraModule, load_adapter, scaling
-from safelora_cli.inputs.index import TensorIndex, TensorInfo, index_folder
-from safelora_cli.inputs.pairing import ModulePair, pair_modules
+from safelora_cli.inputs.adapter import CONFIG_NAME, Adapter, LoraModule, load_adapter, scaling
+from safelora_cli.inputs.index import PICKLE_SUFFIXES, TensorIndex, TensorInfo, index_folder
+from safelora_cli.inputs.pairing import MODEL_CONFIG, ModulePair, pair_modules
 from safelora_cli.inputs.resolve import resolve
 from safelora_cli.output.report import natural_key
 from safelora_cli.version import __version__
@@ -128,3 +129,17 @@ def inspect_adapter(
 
 def _counts(values: Iterable[object]) -> dict[str, int]:
     return {str(key): n for key, n in sorted(Counter(values).items())}
+
+
+ADAPTER, FULL = "adapter", "full"
+
+
+def input_kind(path: Path) -> str:
+    """What a local input folder holds: an adapter (``adapter_config.json``) or a full model
+    (``config.json`` beside safetensors weights: a full fine-tune)."""
+    if os.path.lexists(path / CONFIG_NAME):
+        return ADAPTER
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", *PICKLE_SUFFIXES)]
+    if os.path.lexists(path / MODEL_CONFIG) and weights:
+        return FULL  # index_folder refuses pickle-only weights, with a hint
+    return ADAPTER  # load_adapter says what is missing

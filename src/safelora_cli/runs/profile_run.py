@@ -26,9 +26,10 @@ from safelora_cli.inputs.resolve import resolve
 from safelora_cli.inputs.smallfiles import load_json
 from safelora_cli.math.lowrank import LowRank, RankRule
 from safelora_cli.notices import Notices, NotifyFn
-from safelora_cli.runs.job import PathLike, check_inputs_pair
+from safelora_cli.runs.kinds import ProgressFn
+from safelora_cli.runs.pair_source import check_inputs_pair
 from safelora_cli.runs.profile_build import check_profile_output, profile_entry, write_profile
-from safelora_cli.runs.scoring import ProgressFn
+from safelora_cli.runs.source import PathLike
 from safelora_cli.sources.profile import read_profile
 from safelora_cli.sources.profile_summary import describe
 from safelora_cli.sources.stream import map_alignment

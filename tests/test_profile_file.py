@@ -200,8 +200,8 @@ def test_an_existing_file_is_refused_unless_forced(
     assert caught.value.exit_code == 6
     assert "--force" in caught.value.one_line()
     assert path.read_bytes() == before
-    write_profile(path, entries, {"other": True}, RULE, force=True)
-    assert read_profile(path).inputs == {"other": True}
+    write_profile(path, entries, {"other": {"ref": "x"}}, RULE, force=True)
+    assert read_profile(path).inputs == {"other": {"ref": "x"}}
 
 
 @pytest.mark.parametrize("case", ["symlink", "folder", "no parent"])
@@ -337,7 +337,7 @@ def _edit(weight: str, **fields: Any) -> Any:
      (lambda b: b["rank_rule"].update(rank=3), "exactly one of"),
      (_edit(Q, v_norm=None), "'v_norm'"),
      (_edit(Q, v_norm=-1.0), "'v_norm'"),
-     (_edit(Q, v_norm=float("nan")), "'v_norm'"),
+     (_edit(Q, v_norm=float("nan")), "NaN"),
      (_edit(Q, tail="big"), "'tail'"),
      (_edit(Q, shape=[49, 40]), "F32 [49,"),
      (_edit(Q, shape=[48]), "is not [out, in]"),

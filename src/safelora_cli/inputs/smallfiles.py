@@ -11,6 +11,7 @@ is not an object is exit 4, a run file with bad syntax exit 2).
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from safelora_cli.errors import CorruptFileError, SafeLoraError
+from safelora_cli.untrusted import shorten
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -117,17 +119,45 @@ def _checked(
     return value
 
 
+MAX_INT_DIGITS = 19
+"""With ``strict_numbers``: the longest integer a file of ours can hold (64 bits)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number (JSON has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{shorten(text, 40)} is not a finite float")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
 def decode_json(
     raw: bytes,
     path: Path,
     what: str,
     error: type[SafeLoraError],
     kinds: tuple[type, ...] = (dict,),
+    strict_numbers: bool = False,
 ) -> Any:
     """Decode JSON bytes holding one of ``kinds`` (an object by default), rejecting duplicate
-    keys and deep nesting."""
+    keys and deep nesting; with ``strict_numbers`` (files safelora writes: reports, profiles)
+    also NaN, Infinity, floats that overflow (1e309) and integers over 64 bits."""
+    numbers: dict[str, Any] = (
+        {"parse_constant": _no_constant, "parse_float": _finite_float, "parse_int": _bounded_int}
+        if strict_numbers
+        else {}
+    )
     try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates, **numbers)
     except DuplicateKey as exc:
         raise error(f"{path}: {what} has the key {exc.key!r} twice") from exc
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -47,6 +47,7 @@ from safelora_cli.math.lowrank import (
     LowRank,
     RankRule,
 )
+from safelora_cli.sources import profile_check as check
 
 FORMAT = "safelora-profile"
 SCHEMA_VERSION = 1
@@ -118,34 +119,28 @@ def read_profile(path: Path) -> ProfileInfo:
             f"{path}: is not a safelora profile (no format={FORMAT!r} in its metadata)",
             "make one with `safelora profile --base REF --aligned REF --output FILE`",
         )
-    version = _schema_version(path, meta.get("schema_version"))
-    body = decode_json(meta.get("profile", "").encode(), path, "profile metadata", CorruptFileError)
+    version = check.schema_version(path, meta.get("schema_version"), SCHEMA_VERSION)
+    body = decode_json(
+        meta.get("profile", "").encode(),
+        path,
+        "profile metadata",
+        CorruptFileError,
+        strict_numbers=True,
+    )
     where = f"{path}: profile metadata"
     weights_raw = _field(body, "weights", dict, where)
     weights = {name: _weight(path, name, raw) for name, raw in sorted(weights_raw.items())}
     _check_tensors(path, header, weights)
+    tool, inputs = check.free_text(path, body.get("tool"), body.get("inputs"))
     return ProfileInfo(
         path=path,
         schema_version=version,
-        tool=_field(body, "tool", dict, where),
-        inputs=_field(body, "inputs", dict, where),
+        tool=tool,
+        inputs=inputs,
         rule=_rule(path, _field(body, "rank_rule", dict, where)),
         weights=weights,
         header=header,
     )
-
-
-def _schema_version(path: Path, raw: str | None) -> int:
-    if raw is None or not raw.isdigit() or int(raw) < 1:
-        raise CorruptFileError(f"{path}: profile schema_version {raw!r} is not a version number")
-    version = int(raw)
-    if version > SCHEMA_VERSION:
-        raise IncompatibleInputError(
-            f"{path}: profile schema version {version} is newer than this safelora reads "
-            f"({SCHEMA_VERSION})",
-            "upgrade safelora (pip install -U safelora), or rebuild the profile with this version",
-        )
-    return version
 
 
 def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -167,14 +162,19 @@ def _number(obj: dict[str, Any], key: str, where: str) -> float:
     return float(value)
 
 
+def _dim(obj: dict[str, Any], key: str, where: str) -> int:
+    value: int = check.dimension(_field(obj, key, int, where), where, repr(key))
+    return value
+
+
 def _rule(path: Path, raw: dict[str, Any]) -> RankRule:
     where = f"{path}: rank_rule"
     rank, tolerance = raw.get("rank"), raw.get("tolerance")
     try:
         return RankRule(
-            rank=None if rank is None else _field(raw, "rank", int, where),
+            rank=None if rank is None else _dim(raw, "rank", where),
             tolerance=None if tolerance is None else _number(raw, "tolerance", where),
-            max_rank=_field(raw, "max_rank", int, where),
+            max_rank=_dim(raw, "max_rank", where),
         )
     except UsageError as exc:
         raise CorruptFileError(f"{where}: {exc.message}") from exc
@@ -187,8 +187,8 @@ def _weight(path: Path, name: str, raw: Any) -> WeightInfo:
     shape = _field(raw, "shape", list, where)
     if len(shape) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise CorruptFileError(f"{where}: shape {shape!r} is not [out, in]")
-    out, inp = shape
-    kind, rank = _field(raw, "kind", str, where), _field(raw, "rank", int, where)
+    out, inp = (check.dimension(d, where, "shape dimension") for d in shape)
+    kind, rank = _field(raw, "kind", str, where), _dim(raw, "rank", where)
     v_norm = _number(raw, "v_norm", where)
     method = _field(raw, "method", str, where)
     expected_rank = {ZERO: (0, 0), WHOLE: (min(shape), min(shape))}.get(kind, (1, min(shape)))
@@ -204,6 +204,12 @@ def _weight(path: Path, name: str, raw: Any) -> WeightInfo:
             f"{where}: kind {kind!r}, rank {rank}, method {method!r}, ‖V‖ {v_norm} do not fit "
             f"shape {shape}"
         )
+    check.norm_range(v_norm, (out, inp), where)
+    certificate = Certificate(*(_number(raw, key, where) for key in CERTIFICATE_FIELDS))
+    check.certificate(certificate, v_norm, (out, inp), kind, rank, where)
+    captured = _number(raw, "captured_energy", where)
+    if captured > 1.0 + check.RELATIVE:
+        raise CorruptFileError(f"{where}: captured_energy {captured} exceeds 1")
     sha = _field(raw, "sha256", dict, where)
     if sorted(sha) != sorted(SUFFIXES[kind]) or not all(isinstance(h, str) for h in sha.values()):
         raise CorruptFileError(f"{where}: sha256 must list {list(SUFFIXES[kind])}")
@@ -215,8 +221,8 @@ def _weight(path: Path, name: str, raw: Any) -> WeightInfo:
         rank=rank,
         method=method,
         transposed=_field(raw, "transposed", bool, where),
-        certificate=Certificate(*(_number(raw, key, where) for key in CERTIFICATE_FIELDS)),
-        captured_energy=_number(raw, "captured_energy", where),
+        certificate=certificate,
+        captured_energy=captured,
         sha256=sha,
     )
 
@@ -268,6 +274,7 @@ def load_entry(profile: ProfileInfo, weight: str, reader: TensorReader | None = 
         suffix[1:]: _read_checked(reader, profile, weight, suffix) for suffix in SUFFIXES[info.kind]
     }
     entry = info.entry(**tensors)
+    check.check_entry(entry, f"{profile.path}: weight {weight!r}")
     if info.kind == LOWRANK and abs(entry.captured_energy - info.captured_energy) > 1e-5:
         raise CorruptFileError(
             f"{profile.path}: weight {weight!r}: σ's hold {entry.captured_energy:.6f} of ‖V‖², "

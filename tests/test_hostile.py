@@ -384,3 +384,19 @@ def test_warnings_are_printed_even_when_quiet(trio: Trio, tmp_path: Path) -> Non
     assert result.exit_code == 0
     assert result.stderr.startswith("warning: ")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_zero_width_and_bom_characters_are_shown_escaped(trio: Trio, tmp_path: Path) -> None:
+    """Two names that look the same must not be shown the same: invisible characters (zero-width
+    space and joiners, word joiner, BOM) are escaped in tables, the heat map and error lines."""
+    lookalike = "model.layers.0.self_attn.q\u200b_proj\u2060\ufeff"
+    _rename_module(trio, "model.layers.0.self_attn.q_proj", lookalike)
+    out = tmp_path / "out"
+    result = invoke(patch_args(trio, out, "--num-layers", "14"))
+    assert result.exit_code == 0, result.stderr
+    for raw in ("\u200b", "\u2060", "\ufeff"):
+        assert raw not in result.stderr
+    assert "q\\u200b_proj\\u2060\\ufeff" in result.stderr
+    missing = invoke(patch_args(trio, tmp_path / "o\u200but", "--base", str(tmp_path / "n\ufeff")))
+    line = assert_error(missing, ExitCode.USAGE, "n\\ufeff")
+    assert "\ufeff" not in line

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from safelora_cli.errors import ExitCode
 from safelora_cli.inputs.adapter import CONFIG_NAME
 from safelora_cli.output.report import REPORT_NAME, SCHEMA_VERSION
 from safelora_cli.settings import Settings
 from tests.conftest import Trio, TrioFactory
-from tests.helpers import assert_error, invoke
+from tests.helpers import assert_error, expect_error, invoke
+from tests.reports import make_report
 
 
 def score_json(trio: Trio, *extra: str) -> tuple[str, list[dict[str, object]] | dict[str, object]]:
@@ -118,3 +122,103 @@ def test_progress_counts_the_bytes_read(trio: Trio) -> None:
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
     assert calls[-1][0] == expected
     assert sorted(c[2] for c in calls) == sorted(weights)
+
+
+# --- reports that are not what `safelora show` reads -------------------------------------------
+
+
+def _crafted(edit: Any) -> Any:
+    report = make_report(layers=2)
+    edit(report)
+    return report
+
+
+def _module(key: str, value: Any) -> Any:
+    return lambda r: r["modules"][0].update({key: value})
+
+
+BAD_REPORTS = {
+    "empty list": "[]",
+    "list of a number": "[1]",
+    "a string": '"report"',
+    "schema superscript": json.dumps(_crafted(lambda r: r.update(schema_version="²"))),
+    "schema bool": json.dumps(_crafted(lambda r: r.update(schema_version=True))),
+    "schema zero": json.dumps(_crafted(lambda r: r.update(schema_version=0))),
+    "float 1e309": json.dumps(_crafted(_module("cosine", 0.5))).replace("0.5", "1e309", 1),
+    "int of 310 digits": json.dumps(_crafted(_module("rank", 7))).replace(
+        '"rank": 7', '"rank": 1' + "0" * 309, 1
+    ),
+    "int of 5000 digits": json.dumps(_crafted(_module("rank", 7))).replace(
+        '"rank": 7', '"rank": 1' + "0" * 5000, 1
+    ),
+    "NaN cosine": json.dumps(_crafted(_module("cosine", float("nan")))),
+    "cosine out of range": json.dumps(_crafted(_module("cosine", 3.0))),
+    "cosine a string": json.dumps(_crafted(_module("cosine", "0.5"))),
+    "projected a string": json.dumps(_crafted(_module("projected", "yes"))),
+    "negative norm": json.dumps(_crafted(_module("v_norm", -1.0))),
+    "module a number": json.dumps(_crafted(_module("module", 42))),
+    "layer of 5000 digits": json.dumps(
+        _crafted(_module("module", f"model.layers.{'7' * 5000}.self_attn.q_proj"))
+    ),
+    "entry a string": json.dumps(_crafted(lambda r: r["modules"].append("entry"))),
+    "summary missing": json.dumps(_crafted(lambda r: r.pop("summary"))),
+    "summary.projected markup": json.dumps(
+        _crafted(lambda r: r["summary"].update(projected="[link=http://x]a[/link]\x1b]0;t\x07"))
+    ),
+    "count negative": json.dumps(_crafted(lambda r: r["summary"].update(modules=-1))),
+    "input a string": json.dumps(_crafted(lambda r: r["inputs"].update(adapter="x"))),
+    "huge warning": json.dumps(_crafted(lambda r: r.update(warnings=[{"message": "w" * 70000}]))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REPORTS))
+@pytest.mark.parametrize("mode", ["table", "json", "html"])
+def test_a_report_that_is_not_one_is_exit_3_one_line_nothing_written(
+    tmp_path: Path, case: str, mode: str
+) -> None:
+    path = tmp_path / "report.json"
+    path.write_text(BAD_REPORTS[case])
+    page = tmp_path / "page.html"
+    extra = {"table": [], "json": ["--json"], "html": ["--html", str(page)]}[mode]
+    result = invoke(["show", str(path), *extra])
+    expect_error(result, ExitCode.CORRUPT, str(path), output=page)
+
+
+def test_a_newer_report_is_exit_4_even_with_fields_this_version_does_not_know(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1, "modules": [{"x": 1}]}))
+    expect_error(
+        invoke(["show", str(path)]), ExitCode.INCOMPATIBLE, "upgrade", output=path.parent / "x"
+    )
+
+
+def test_show_json_is_valid_json_and_hostile_names_are_shown_inert(tmp_path: Path) -> None:
+    name = "model.layers.0.self_attn.q_proj\u200b\ufeff[link=http://evil]a[/link]\x1b]0;t\x07"
+    report = make_report(layers=2, names=[name, "model.layers.1.mlp.up_proj", "lm_head"])
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    page = tmp_path / "page.html"
+    shown = invoke(["show", str(path), "--html", str(page)])
+    assert shown.exit_code == 0, shown.stderr
+    for raw in ("\x1b", "\x07", "\u200b", "\ufeff"):
+        assert raw not in shown.stderr
+        assert raw not in page.read_text()
+    assert "\\u200b" in shown.stderr
+    as_json = invoke(["show", str(path), "--json"])
+    parsed = json.loads(as_json.stdout, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert parsed["modules"][0]["module"] == name  # the data itself is kept, only shown safely
+
+
+def test_many_modules_without_a_layer_number_render(tmp_path: Path) -> None:
+    """5000 modules outside any layer: every renderer takes linear time (the HTML headers once
+    compared every module with every other); the page lists them all."""
+    names = [f"adapter_head_{k}.proj" for k in range(5000)]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(make_report(names=names, num_layers=3)))
+    page = tmp_path / "page.html"
+    shown = invoke(["show", str(path), "--html", str(page)])
+    assert shown.exit_code == 0, shown.stderr
+    text = page.read_text()
+    assert all(f"adapter_head_{k}.proj" in text for k in (0, 2500, 4999))

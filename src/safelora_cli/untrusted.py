@@ -14,11 +14,17 @@ from __future__ import annotations
 import re
 
 # C0 and C1 controls, DEL, line/paragraph separators, the bidi marks, embeddings, overrides and
-# isolates ("Trojan Source"), and unpaired surrogates (file names that are not valid UTF-8): each
-# is shown as a visible escape, never written raw.
-_UNSAFE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+# isolates ("Trojan Source"), unpaired surrogates (file names that are not valid UTF-8), and the
+# invisible characters that make two different names look the same: zero-width space, joiners
+# and marks (U+200B-U+200F), the soft hyphen, word joiner and invisible operators (U+2060-U+206F),
+# the byte-order mark / zero-width no-break space (U+FEFF), the combining grapheme joiner, the
+# Hangul and Khmer fillers, Mongolian selectors, variation selectors, interlinear annotations and
+# tag characters. Each is shown as a visible escape, never written raw.
+INVISIBLE = (
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e"
+    "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000e0000-\U000e0fff"
 )
+_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f{INVISIBLE}\ud800-\udfff]")
 ELLIPSIS = "..."
 MAX_WORD = 160
 """In a message, a longer run of non-space characters (a path, a tensor name) is shortened."""
@@ -27,7 +33,9 @@ _LONG = re.compile(rf"\S{{{MAX_WORD + 1},}}")
 
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def printable(text: object, limit: int = 80, ascii_only: bool = False) -> str:

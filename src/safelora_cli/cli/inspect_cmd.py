@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ import typer
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
 from safelora_cli.cli._options import AdapterNameOpt, RevisionOpt
+from safelora_cli.display.sink import json_text
 from safelora_cli.display.terminal import write_stdout
 from safelora_cli.errors import IncompatibleInputError, UsageError
 
@@ -71,7 +71,7 @@ def inspect_command(
 
         info = inspect_adapter(adapter, base, aligned, revision=revision, adapter_name=adapter_name)
         if as_json:
-            write_stdout(json.dumps(info, indent=2) + "\n")
+            write_stdout(json_text(info))
         else:
             from safelora_cli.display.terminal import inspect_tables, show_safely
 
@@ -92,7 +92,7 @@ def _inspect_profile(path: Path, as_json: bool) -> None:
 
     summary = describe(read_profile(path))
     if as_json:
-        write_stdout(json.dumps(summary, indent=2) + "\n")
+        write_stdout(json_text(summary))
     else:
         from safelora_cli.display.terminal import profile_table, show_safely
 
@@ -115,7 +115,7 @@ def _inspect_model(model: str, aligned: str | None, revision: str | None, as_jso
 
     info = inspect_full(model, aligned, revision)
     if as_json:
-        write_stdout(json.dumps(info, indent=2) + "\n")
+        write_stdout(json_text(info))
     else:
         from safelora_cli.display.terminal import changed_table, show_safely
 

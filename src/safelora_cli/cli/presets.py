@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
+from safelora_cli.display.sink import json_text
 from safelora_cli.display.terminal import presets_table, show_safely, write_stdout
 
 EXAMPLES = """\b
@@ -29,6 +29,6 @@ def presets_command(
 
         described = [preset.describe() for preset in load_presets().values()]
         if as_json:
-            write_stdout(json.dumps(described, indent=2) + "\n")
+            write_stdout(json_text(described))
         else:
             show_safely(stderr, presets_table, described)

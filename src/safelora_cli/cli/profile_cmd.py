@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +10,7 @@ import typer
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
 from safelora_cli.cli._options import QuietOpt, RevisionOpt
+from safelora_cli.display.sink import json_text
 from safelora_cli.display.terminal import (
     notice_printer,
     profile_table,
@@ -116,7 +116,7 @@ def profile_command(
                 notify=notice_printer(stderr, quiet),
             )  # fmt: skip
         if as_json:
-            write_stdout(json.dumps(summary, indent=2) + "\n")
+            write_stdout(json_text(summary))
         else:
             if not quiet:
                 show_safely(stderr, profile_table, summary)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +9,7 @@ import typer
 
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
+from safelora_cli.display.sink import json_text
 from safelora_cli.display.terminal import show_report, write_stdout
 
 EXAMPLES = """\b
@@ -44,7 +44,7 @@ def show_command(
 ) -> None:
     """Show a saved report: the per-layer heat map of its cosines and the modules projected."""
     with errors_to_exit():
-        from safelora_cli.output.report import read_reports
+        from safelora_cli.output.report_file import read_reports
 
         reports = read_reports(report)
         if html is not None:
@@ -55,8 +55,7 @@ def show_command(
             check_target(html, "--html", force=force)
             write_text(html, render_html(reports if len(reports) > 1 else reports[0]), "--html")
         if as_json:
-            data = reports if len(reports) > 1 else reports[0]
-            write_stdout(json.dumps(data, indent=2) + "\n")
+            write_stdout(json_text(reports if len(reports) > 1 else reports[0]))
         else:
             for one in reports:
                 show_report(stderr, one)

@@ -25,7 +25,9 @@ OTHERS = "(others)"
 ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj",
          "gate_up_proj", "down_proj", "c_attn", "c_proj", "c_fc", "query_key_value", "W_pack",
          "Wqkv", "dense", "dense_h_to_4h", "dense_4h_to_h", "out_proj", "fc1", "fc2")  # fmt: skip
-_LAYER = re.compile(r"(?P<stack>.*?)\.(?P<index>\d+)\.(?P<rest>.+)")
+# a layer number is ASCII digits, at most 9 of them: a longer number (thousands of digits in a
+# crafted report) is not a layer, and its module is shown with the others
+_LAYER = re.compile(r"(?P<stack>.*?)\.(?P<index>[0-9]{1,9})\.(?P<rest>.+)")
 
 
 @dataclass
@@ -111,7 +113,9 @@ def layout(report: Mapping[str, Any]) -> Layout:
             other.setdefault(entry["module"], Cell()).add(entry, cut)
             continue
         stack = stacks.setdefault(match["stack"], Stack(match["stack"]))
-        column = ".".join("*" if p.isdigit() else p for p in match["rest"].split("."))
+        column = ".".join(
+            "*" if p.isascii() and p.isdigit() else p for p in match["rest"].split(".")
+        )
         row = stack.rows.setdefault(int(match["index"]), {})
         row.setdefault(column, Cell()).add(entry, cut)
     for stack in stacks.values():

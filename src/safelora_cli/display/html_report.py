@@ -4,12 +4,12 @@ The page holds the same heat map as the terminal (``heatmap_layout``), with the 
 cell and the module names in its tooltip, then every module's numbers. It loads nothing: no
 script, no font, no image; a Content-Security-Policy forbids them, so even a name that slipped
 through escaping could not fetch or run anything. Every string from the report is escaped
-(``html.escape``) after its control characters are made visible (``untrusted.printable``).
+through the display sink (``sink.html``: control and invisible characters made visible, then
+``html.escape``), numbers included (``sink.number``). Rendering is linear in the report's size.
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +22,8 @@ from safelora_cli.display.heatmap_layout import (
     number,
     title,
 )
-from safelora_cli.untrusted import printable
+from safelora_cli.display.sink import html as _safe
+from safelora_cli.display.sink import number as _number
 
 Reports = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 CSP = "default-src 'none'; style-src 'unsafe-inline'"
@@ -76,23 +77,30 @@ def _report(report: Mapping[str, Any]) -> str:
     for stack in lay.stacks:
         parts.append(f"<h3>{_text(stack.name)}.&lt;layer&gt;</h3>")
         parts.append(_grid(stack.columns, stack.rows, lay))
-    if lay.other:
+    if lay.other:  # headed by their names: any number of them, in linear time
         parts.append("<h3>other modules</h3>")
-        parts.append(_grid(list(lay.other), {0: lay.other}, lay, label=""))
+        names = {name: _text(name) for name in lay.other}
+        parts.append(_grid(list(lay.other), {0: lay.other}, lay, label="", headers=names))
     parts.append(_modules(report))
     return "\n".join([*parts, "</section>"])
 
 
 def _grid(
-    columns: list[str], rows: Mapping[int, Mapping[str, Cell]], lay: Layout, label: str = "layer"
+    columns: list[str],
+    rows: Mapping[int, Mapping[str, Cell]],
+    lay: Layout,
+    label: str = "layer",
+    headers: Mapping[str, str] | None = None,
 ) -> str:
-    """A table like the terminal grid; ``label`` "" for the row of modules outside layers."""
-    headers = column_headers(columns)
-    head = "".join(f"<th>{_text(headers[c])}</th>" for c in columns)
+    """A table like the terminal grid; ``label`` "" for the row of modules outside layers,
+    whose ``headers`` (escaped) are given."""
+    if headers is None:  # a stack's columns: at most MAX_COLUMNS, short unique suffixes
+        headers = {c: _text(h) for c, h in column_headers(columns).items()}
+    head = "".join(f"<th>{headers[c]}</th>" for c in columns)
     lines = [f'<table class="grid"><thead><tr><th>{label}</th>{head}</tr></thead><tbody>']
     for index in sorted(rows):
         cells = "".join(_cell(rows[index].get(c), lay.bounds) for c in columns)
-        lines.append(f"<tr><th>{index if label else ''}</th>{cells}</tr>")
+        lines.append(f"<tr><th>{_text(index) if label else ''}</th>{cells}</tr>")
     return "\n".join([*lines, "</tbody></table>"])
 
 
@@ -106,9 +114,10 @@ def _cell(cell: Cell | None, bounds: bool) -> str:
     red, green, blue = colour(cell.cosine)
     marks = ("*" if cell.projected else "") + ("~" if bounds and cell.uncertain else "")
     state = "projected" if cell.projected else "kept"
-    tip += f": cosine {cell.cosine:.4f}, {state}"
+    tip += f": cosine {_safe(_number(cell.cosine, '.4f'))}, {state}"
     background = f"background:rgb({red},{green},{blue})"
-    return f'<td class="{state}" style="{background}" title="{tip}">{marks}{cell.cosine:.2f}</td>'
+    shown = _safe(_number(cell.cosine, ".2f"))
+    return f'<td class="{state}" style="{background}" title="{tip}">{marks}{shown}</td>'
 
 
 def _inputs(report: Mapping[str, Any]) -> str:
@@ -144,11 +153,12 @@ def _legend() -> str:
 
 
 def _value(value: Any) -> str:
-    found = number(value)
-    if found is not None and not isinstance(value, int):
-        return f"{found:.4g}"
-    return _text("" if value is None else value)
+    if value is None:
+        return ""
+    if number(value) is not None:
+        return _safe(_number(value, "d" if isinstance(value, int) else ".4g"))
+    return _text(value)
 
 
 def _text(value: Any) -> str:
-    return html.escape(printable(value, 300), quote=True)
+    return _safe(value, 300)

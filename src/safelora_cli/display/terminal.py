@@ -7,7 +7,6 @@ the library returns (reports, ``Preset.describe()``, ``inspection.inspect_adapte
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -15,9 +14,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from safelora_cli.display.sink import cell, count, json_text, line, number, plain
 from safelora_cli.notices import NOTE, Notice, NotifyFn
 from safelora_cli.output.report import SHORT_REASONS, subject
 from safelora_cli.untrusted import safe_text
@@ -25,10 +25,10 @@ from safelora_cli.untrusted import safe_text
 ProgressFn = Any  # pipeline.ProgressFn, without importing torch
 
 
-def shown(text: Any) -> str:
-    """Untrusted text as a rich cell: control characters escaped, long names shortened, markup
-    (``[red]``) shown as written rather than interpreted."""
-    return escape(safe_text(str(text)))
+def shown(text: Any, limit: int = 160) -> Text:
+    """Untrusted text as a rich cell (``sink.cell``): controls and invisible characters
+    escaped, long names shortened, markup (``[red]``) shown as written, never interpreted."""
+    return cell(text, limit)
 
 
 @contextmanager
@@ -55,14 +55,14 @@ def progress_bar(
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         console=console,
         transient=True,
     ) as bar:
         task = bar.add_task("", total=None)
 
         def update(done: int, total: int, weight: str) -> None:
-            bar.update(task, completed=done, total=total, description=shown(weight))
+            bar.update(task, completed=done, total=total, description=plain(weight, 80))
 
         yield update
 
@@ -88,13 +88,13 @@ def notice_printer(console: Console, quiet: bool) -> NotifyFn:
 def summary_table(console: Console, report: dict[str, Any]) -> None:
     """The projected and skipped modules of one report, with the summary as caption."""
     summary = report["summary"]
-    rows = [m for m in report["modules"] if m["projected"] or m["skipped"]]
+    rows = [m for m in report["modules"] if m.get("projected") or m.get("skipped")]
     table = Table(
-        title=f"safelora: {shown(subject(report))}: projected and skipped modules",
-        caption=(
-            f"{summary['projected']} of {summary['modules']} modules projected, "
-            f"{summary['skipped']} skipped; threshold used {_num(summary['threshold_used'])}; "
-            f"mean Pdst {_num(summary['mean_pdst'])}"
+        title=line("safelora: ", shown(subject(report)), ": projected and skipped modules"),
+        caption=line(
+            f"{count(summary['projected'])} of {count(summary['modules'])} modules projected, "
+            f"{count(summary['skipped'])} skipped; threshold used "
+            f"{_num(summary['threshold_used'])}; mean Pdst {_num(summary['mean_pdst'])}"
         ),
     )
     table.add_column("module", no_wrap=True)
@@ -103,20 +103,27 @@ def summary_table(console: Console, report: dict[str, Any]) -> None:
         table.add_column(column, justify="right")
     table.add_column("status")
     for m in rows:
-        status = "projected" if m["projected"] else SHORT_REASONS.get(m["skipped"], "skipped")
-        table.add_row(
+        reason = m.get("skipped") if isinstance(m.get("skipped"), str) else None
+        status = "projected" if m.get("projected") else SHORT_REASONS.get(reason or "", "skipped")
+        _add_row(
+            table,
             shown(m["module"]),
-            _num(m["cosine"]),
-            _num(m["v_norm"]),
-            _num(m["b_norm_before"]),
-            _num(m["b_norm_after"]),
+            _num(m.get("cosine")),
+            _num(m.get("v_norm")),
+            _num(m.get("b_norm_before")),
+            _num(m.get("b_norm_after")),
             status,
         )
     console.print(table)
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+def _num(value: object) -> str:
+    return number(value)
+
+
+def _add_row(table: Table, *cells: str | Text) -> None:
+    """A row whose every cell is ``Text``: a ``str`` cell would be parsed as rich markup."""
+    table.add_row(*(c if isinstance(c, Text) else Text(plain(c, 10_000)) for c in cells))
 
 
 def emit_results(
@@ -130,7 +137,7 @@ def emit_results(
         for report in reports:
             show_report(console, report)
     if as_json:  # ASCII only (json escapes the rest): any terminal encoding prints it
-        write_stdout(json.dumps(reports if batch else reports[0], indent=2) + "\n")
+        write_stdout(json_text(reports if batch else reports[0]))
         return
     for report in reports:
         if report["output"] is not None:
@@ -182,18 +189,19 @@ def selection_text(settings: dict[str, Any]) -> str:
 def presets_table(console: Console, presets: Sequence[dict[str, Any]]) -> None:
     """One row per preset: name, base, aligned, recommended selection, note."""
     table = Table(
-        title="safelora presets",
-        caption="use: safelora patch ADAPTER --preset NAME --output DIR",
+        title=Text("safelora presets"),
+        caption=Text("use: safelora patch ADAPTER --preset NAME --output DIR"),
     )
     table.add_column("name", no_wrap=True)
     table.add_column("base → aligned", no_wrap=True)
     table.add_column("selection", no_wrap=True)
     table.add_column("note", ratio=1)
     for preset in presets:
-        table.add_row(
+        _add_row(
+            table,
             shown(preset["name"]),
-            f"{shown(preset['base'])}\n→ {shown(preset['aligned'])}",
-            selection_text(preset["settings"]),
+            line(shown(preset["base"]), "\n→ ", shown(preset["aligned"])),
+            shown(selection_text(preset["settings"])),
             shown(preset["description"]),
         )
     console.print(table)
@@ -204,14 +212,17 @@ def inspect_tables(console: Console, info: dict[str, Any]) -> None:
     config, summary = info["config"], info["summary"]
     paired = summary["paired"] is not None
     rslora = " (rsLoRA: alpha/sqrt(r))" if config.get("use_rslora") else ""
-    caption = (
-        f"{summary['modules']} modules; r={config.get('r')}, lora_alpha={config.get('lora_alpha')}"
-        f"{rslora}; {summary['lora_parameters']:,} LoRA parameters; "
-        f"{summary['passthrough']} passthrough tensor(s)"
+    caption = line(
+        f"{count(summary['modules'])} modules; r={number(config.get('r'))}, "
+        f"lora_alpha={number(config.get('lora_alpha'))}{rslora}; "
+        f"{count(summary['lora_parameters'])} LoRA parameters; "
+        f"{count(summary['passthrough'])} passthrough tensor(s)"
     )
     if paired:
-        caption += f"; {summary['paired']} of {summary['modules']} pair with the base"
-    title = f"safelora inspect: {shown(info['inputs']['adapter']['path'])}"
+        caption.append(
+            f"; {count(summary['paired'])} of {count(summary['modules'])} pair with the base"
+        )
+    title = line("safelora inspect: ", shown(info["inputs"]["adapter"]["path"]))
     table = Table(title=title, caption=caption)
     table.add_column("module", no_wrap=True)
     for column in ("out × in", "rank", "alpha", "scaling"):
@@ -220,37 +231,41 @@ def inspect_tables(console: Console, info: dict[str, Any]) -> None:
     if paired:
         table.add_column("base weight")
     for module in info["modules"]:
-        out, inp = module["shape"]
-        dtypes = {module["lora_A"]["dtype"], module["lora_B"]["dtype"]}
-        row = [
+        dtypes = {str(module["lora_A"]["dtype"]), str(module["lora_B"]["dtype"])}
+        row: list[str | Text] = [
             shown(module["module"]),
-            f"{out} × {inp}",
-            str(module["rank"]),
-            f"{module['alpha']:g}",
-            f"{module['scaling']:.4g}",
-            "/".join(sorted(dtypes)),
+            _shape(module["shape"]),
+            count(module["rank"]),
+            number(module["alpha"], "g"),
+            number(module["scaling"]),
+            shown("/".join(sorted(dtypes))),
         ]
         if paired:
             row.append(_pairing_text(module))
-        table.add_row(*row)
+        _add_row(table, *row)
     console.print(table)
     if info["passthrough"]:
         _passthrough_table(console, info["passthrough"])
 
 
-def _pairing_text(module: dict[str, Any]) -> str:
+def _pairing_text(module: dict[str, Any]) -> Text:
     if not module["paired"]:
-        return f"[red]{shown(module['problem'])}[/red]"
-    return "ok (tied to embedding)" if module["tied"] else "ok"
+        return cell(module["problem"], 160, style="red")
+    return Text("ok (tied to embedding)" if module["tied"] else "ok")
+
+
+def _shape(shape: Any) -> Text:
+    """A shape as "out × in" (its numbers through the sink)."""
+    return Text(" × ".join(count(d) for d in shape) if isinstance(shape, list) else plain(shape))
 
 
 def _passthrough_table(console: Console, tensors: Sequence[dict[str, Any]]) -> None:
-    table = Table(title="passthrough tensors (copied unchanged by patch)")
+    table = Table(title=Text("passthrough tensors (copied unchanged by patch)"))
     table.add_column("tensor", no_wrap=True)
     table.add_column("dtype")
     table.add_column("shape", justify="right")
     for tensor in tensors:
-        table.add_row(shown(tensor["name"]), tensor["dtype"], " × ".join(map(str, tensor["shape"])))
+        _add_row(table, shown(tensor["name"]), shown(tensor["dtype"]), _shape(tensor["shape"]))
     console.print(table)
 
 
@@ -259,21 +274,23 @@ def changed_table(console: Console, info: dict[str, Any]) -> None:
     summary = info["summary"]
     changed = [t for t in info["tensors"] if t["changed"]]
     table = Table(
-        title=f"safelora inspect: {shown(info['inputs']['model']['path'])}: changed weights",
-        caption=(
-            f"{summary['changed']} of {summary['tensors']} tensors changed by the fine-tune, "
-            f"{summary['targeted_changed']} of them patched by default"
+        title=line("safelora inspect: ", shown(info["inputs"]["model"]["path"]),
+                   ": changed weights"),
+        caption=line(
+            f"{count(summary['changed'])} of {count(summary['tensors'])} tensors changed by "
+            f"the fine-tune, {count(summary['targeted_changed'])} of them patched by default"
         ),
-    )
+    )  # fmt: skip
     table.add_column("tensor", no_wrap=True)
     table.add_column("shape", justify="right")
     table.add_column("‖D‖", justify="right")
     table.add_column("‖D‖/‖W‖", justify="right")
     table.add_column("default target")
     for tensor in changed:
-        table.add_row(
+        _add_row(
+            table,
             shown(tensor["tensor"]),
-            " × ".join(map(str, tensor["shape"])),
+            _shape(tensor["shape"]),
             _num(tensor["d_norm"]),
             _num(tensor["relative"]),
             "yes" if tensor["targeted"] else "",
@@ -285,29 +302,35 @@ def profile_table(console: Console, summary: dict[str, Any]) -> None:
     """A profile's weights: stored rank, captured energy, error bound and bytes, with totals."""
     totals, rule = summary["totals"], summary["rank_rule"]
     how = (
-        f"rank {rule['rank']}"
+        f"rank {count(rule['rank'])}"
         if rule["rank"] is not None
-        else (f"tolerance {rule['tolerance']:g} up to rank {rule['max_rank']}")
+        else f"tolerance {number(rule['tolerance'], 'g')} up to rank {count(rule['max_rank'])}"
     )
     table = Table(
-        title=f"safelora profile: {shown(summary['path'])} ({how})",
-        caption=(
-            f"{totals['weights']} weights: {totals['lowrank']} low-rank (max rank "
-            f"{totals['max_rank']}), {totals['whole']} stored whole, {totals['zero']} with V = 0; "
-            f"{totals['file_bytes'] / 1e6:.1f} MB; largest relative error "
-            f"{totals['max_relative_error']:.3g}"
+        title=line("safelora profile: ", shown(summary["path"]), f" ({how})"),
+        caption=line(
+            f"{count(totals['weights'])} weights: {count(totals['lowrank'])} low-rank (max rank "
+            f"{count(totals['max_rank'])}), {count(totals['whole'])} stored whole, "
+            f"{count(totals['zero'])} with V = 0; {_megabytes(totals['file_bytes'], '.1f')} MB; "
+            f"largest relative error {number(totals['max_relative_error'], '.3g')}"
         ),
     )
     table.add_column("weight", no_wrap=True)
     for column in ("shape", "k", "energy", "error bound", "MB"):
         table.add_column(column, justify="right")
     for row in summary["weights"]:
-        table.add_row(
+        _add_row(
+            table,
             shown(row["weight"]),
-            " × ".join(map(str, row["shape"])),
-            "whole" if row["kind"] == "whole" else str(row["rank"]),
-            f"{row['captured_energy']:.4f}",
-            f"{row['error_bound']:.3g}",
-            f"{row['bytes'] / 1e6:.2f}",
+            _shape(row["shape"]),
+            "whole" if row["kind"] == "whole" else count(row["rank"]),
+            number(row["captured_energy"], ".4f"),
+            number(row["error_bound"], ".3g"),
+            _megabytes(row["bytes"], ".2f"),
         )
     console.print(table)
+
+
+def _megabytes(value: Any, spec: str) -> str:
+    in_range = isinstance(value, int) and abs(value) < 10**18
+    return number(value / 1e6 if in_range else value, spec)

@@ -9,11 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from safelora_cli.errors import CorruptFileError, IncompatibleInputError
-from safelora_cli.inputs.smallfiles import MAX_JSON_BYTES, decode_json, read_small
 from safelora_cli.math.reasons import UNCHANGED, ZERO_DELTA, ZERO_V
 from safelora_cli.version import __version__
 
@@ -214,31 +211,3 @@ def subject(report: dict[str, Any]) -> str:
     inputs = report.get("inputs") or {}
     entry = inputs.get("adapter") or inputs.get("model") or {}
     return str(entry.get("path") or entry.get("ref") or "(unknown)")
-
-
-def read_reports(path: Path) -> list[dict[str, Any]]:
-    """The report(s) in a saved file: one report, or the list that ``--json`` prints for a batch.
-
-    Raises:
-        CorruptFileError: not JSON, or not reports (no ``modules`` list).
-        IncompatibleInputError: written by a newer safelora (a higher ``schema_version``).
-    """
-    value = decode_json(
-        read_small(path, "report", MAX_JSON_BYTES, CorruptFileError),
-        path,
-        "report",
-        CorruptFileError,
-        (dict, list),
-    )
-    reports = value if isinstance(value, list) else [value]
-    for report in reports:
-        if not isinstance(report, dict) or not isinstance(report.get("modules"), list):
-            raise CorruptFileError(f"{path}: not a safelora report (no 'modules' list)")
-        version = report.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise IncompatibleInputError(
-                f"{path}: report schema version {version!r}; this safelora reads up to "
-                f"{SCHEMA_VERSION}",
-                "upgrade safelora (pip install -U safelora)",
-            )
-    return reports

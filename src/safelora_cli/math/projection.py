@@ -299,10 +299,8 @@ def score_modules(
     spec: ProjectionSpec = ProjectionSpec(),
     v_norm: float | None = None,
 ) -> list[ModuleScore]:
-    """``score_module`` for several modules on the same V (the adapters of a batch): the subspace
-    basis is found once, and each B is projected on its own, so that every adapter's result is
-    the same, bit for bit, as when it is scored alone. (Stacking the B's into one product would
-    be faster, but BLAS then rounds differently: measured with MKL, for r = 4.)
+    """``score_module`` for several modules on the same V (the adapters of a batch), as
+    ``projector(v, spec, v_norm)(factors)``.
 
     Args:
         v: V, (out, in) float32; factors: (lora_A (r_i, in), lora_B (out, r_i)) of each module.
@@ -310,25 +308,60 @@ def score_modules(
     Returns:
         One score per module, in order.
     """
+    return projector(v, spec, v_norm)(factors)
+
+
+Scorer = Callable[[Sequence[tuple[torch.Tensor, torch.Tensor]]], list[ModuleScore]]
+"""Scores modules on one V: (lora_A, lora_B) of each -> one score each, in order."""
+
+
+def projector(
+    v: torch.Tensor, spec: ProjectionSpec = ProjectionSpec(), v_norm: float | None = None
+) -> Scorer:
+    """What scores modules on one V, called as often as the caller likes (a batch scored a part
+    at a time, to hold few factors at once): the subspace basis is found once, here, and each B
+    is projected on its own, so that every adapter's result is the same, bit for bit, whatever
+    the modules it is scored with. (Stacking the B's into one product would be faster, but BLAS
+    then rounds differently: measured with MKL, for r = 4.)
+
+    Args:
+        v: V, (out, in) float32, valid as long as the scorer is used.
+        spec, v_norm: as for ``score_module``.
+    """
     if v_norm is None:
         v_norm = float(torch.linalg.vector_norm(v))
-    bs = [b.float() for _, b in factors]
-    b_norms = [float(torch.linalg.vector_norm(b)) for b in bs]
-    if not math.isfinite(v_norm) or v_norm == 0.0:
-        reason = ZERO_V if v_norm == 0.0 else None
-        return [ModuleScore(None, None, v_norm, n, n, 0.0, reason) for n in b_norms]
-    if spec.kind is Projection.SUBSPACE:
-        u, captured = subspace_basis(v, v_norm, spec.rank, spec.energy)
+    norm = v_norm
+    if not math.isfinite(norm) or norm == 0.0:
+        reason = ZERO_V if norm == 0.0 else None
+
+        def skipped(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[ModuleScore]:
+            norms = [float(torch.linalg.vector_norm(b.float())) for _, b in factors]
+            return [ModuleScore(None, None, norm, n, n, 0.0, reason) for n in norms]
+
+        return skipped
+    basis = (
+        subspace_basis(v, norm, spec.rank, spec.energy)
+        if spec.kind is Projection.SUBSPACE
+        else None
+    )
+
+    def scores(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[ModuleScore]:
+        bs = [b.float() for _, b in factors]
+        b_norms = [float(torch.linalg.vector_norm(b)) for b in bs]
+        if basis is not None:
+            u, captured = basis
+            return [
+                _module_score(u @ (u.T @ b), b, a.float(), b_norm, norm, u.shape[1], captured)
+                for b, (a, _), b_norm in zip(bs, factors, b_norms, strict=True)
+            ]
         return [
-            _module_score(u @ (u.T @ b), b, a.float(), b_norm, v_norm, u.shape[1], captured)
-            for b, (a, _), b_norm in zip(bs, factors, b_norms, strict=True)
+            _module_score(pb, b, a.float(), b_norm, norm, None, None)
+            for pb, b, (a, _), b_norm in zip(
+                paper_projections(v, bs, norm), bs, factors, b_norms, strict=True
+            )
         ]
-    return [
-        _module_score(pb, b, a.float(), b_norm, v_norm, None, None)
-        for pb, b, (a, _), b_norm in zip(
-            paper_projections(v, bs, v_norm), bs, factors, b_norms, strict=True
-        )
-    ]
+
+    return scores
 
 
 def _module_score(

@@ -10,6 +10,7 @@ the patched full model), then the model card and the report, the last files stag
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from safelora_cli.errors import SafeLoraError, UsageError
 from safelora_cli.inputs.resolve import ResolvedInput
 from safelora_cli.notices import Notices
 from safelora_cli.output.writer import OutputFolder, check_output, check_report_path, output_error
+from safelora_cli.runs.keep import Drop, InMemory, Keep, Spill
 from safelora_cli.runs.kinds import ProgressFn, Scored
 from safelora_cli.runs.run import Request, Run, is_full, prepare, report, resolve_device, score
 
@@ -30,7 +32,8 @@ def score_all(request: Request, progress: ProgressFn | None = None) -> list[dict
     """Score every input (adapters, or one full fine-tune): one report each, nothing written."""
     device = resolve_device(request.settings.device)
     run = prepare(request, is_full(request.inputs, request.settings))
-    return [report(run, scored, device, None) for scored in score(run, device, progress)]
+    scored = score(run, device, progress, Drop())  # nothing is written: no B' is kept
+    return [report(run, one, device, None) for one in scored]
 
 
 def patch_one(
@@ -88,7 +91,29 @@ def patch_batch(
         for output in outputs:
             check_output(output, inputs, force)
     device = resolve_device(request.settings.device)
-    scored = score(run, device, progress)
+    scratch = output_dir if output_dir.is_dir() else output_dir.parent
+    with closing(_keep(len(outputs), scratch)) as keep:
+        scored = score(run, device, progress, keep)
+        return _stage_batch(run, scored, output_dir, outputs, created, force, command, device)
+
+
+def _keep(adapters: int, folder: Path) -> Keep:
+    """A batch's projected B's wait in a scratch file beside its output (memory stays that of
+    one adapter, whatever the batch size); one adapter's stay in memory."""
+    return Spill(folder) if adapters > 1 else InMemory()
+
+
+def _stage_batch(
+    run: Run,
+    scored: list[Scored],
+    output_dir: Path,
+    outputs: list[Path],
+    created: bool,
+    force: bool,
+    command: Sequence[str] | None,
+    device: torch.device,
+) -> list[tuple[dict[str, Any], Path]]:
+    """Stage every output, then publish them all (none if one cannot be staged)."""
     output_dir.mkdir(exist_ok=True)
     folders = [OutputFolder(output, force=force) for output in outputs]
     results = []

@@ -34,6 +34,7 @@ from safelora_cli.math.projection import ModuleScore, alignment_matrix
 from safelora_cli.notices import Notices
 from safelora_cli.output.shards import ShardWriter
 from safelora_cli.output.writer import OutputFolder
+from safelora_cli.runs.keep import Keep
 from safelora_cli.runs.kinds import CARD_SKIP, Module, ProgressFn, Scored, Target, Written
 from safelora_cli.runs.source import Alignment, Dense, PathLike, Source, Weight
 from safelora_cli.settings import ProjectionSpec, Settings
@@ -130,9 +131,15 @@ class FullUpdate:
         return [Weight(p.name, p.base, p.aligned) for p in pairs]
 
     def score(
-        self, source: Source, settings: Settings, device: torch.device, progress: ProgressFn | None
+        self,
+        source: Source,
+        settings: Settings,
+        device: torch.device,
+        progress: ProgressFn | None,
+        keep: Keep,
     ) -> list[dict[str, ModuleScore]]:
-        """Score every targeted weight in one streamed pass (D beside the source's alignment)."""
+        """Score every targeted weight in one streamed pass (D beside the source's alignment);
+        nothing is kept but the scores (P D is weight-sized: ``write`` computes it again)."""
         weights = self._weights(self.pairs)
         deltas = [Delta(pair.aligned, pair.ft) for pair in self.pairs]
         sizes = [

@@ -21,6 +21,7 @@ from safelora_cli.inputs.resolve import ResolvedInput
 from safelora_cli.math.projection import ModuleScore
 from safelora_cli.notices import Notices
 from safelora_cli.output.writer import OutputFolder
+from safelora_cli.runs.keep import Keep
 from safelora_cli.runs.source import Source
 from safelora_cli.settings import Settings
 
@@ -101,9 +102,15 @@ class Update(Protocol):
         ...
 
     def score(
-        self, source: Source, settings: Settings, device: torch.device, progress: ProgressFn | None
+        self,
+        source: Source,
+        settings: Settings,
+        device: torch.device,
+        progress: ProgressFn | None,
+        keep: Keep,
     ) -> list[dict[str, ModuleScore]]:
-        """For each target, module name -> score: one pass over the source's weights."""
+        """For each target, module name -> score: one pass over the source's weights; what
+        the writer needs beyond the scores (the projected B's) goes to ``keep``."""
         ...
 
     def write(

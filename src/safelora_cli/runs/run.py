@@ -25,6 +25,7 @@ from safelora_cli.output import report as reporting
 from safelora_cli.runs.adapters import AdapterUpdate, load_adapters
 from safelora_cli.runs.fullmodel import FullUpdate, check_full_settings, resolve_full
 from safelora_cli.runs.inspection import FULL, input_kind
+from safelora_cli.runs.keep import InMemory, Keep
 from safelora_cli.runs.kinds import Module, ProgressFn, Scored, Update, Written
 from safelora_cli.runs.pair_source import PairSource
 from safelora_cli.runs.profile_source import ProfileSource
@@ -148,11 +149,17 @@ def _check_sources(request: Request, full: bool) -> None:
             raise UsageError(f"no {flag} given", "give the model pair, or a --profile")
 
 
-def score(run: Run, device: torch.device, progress: ProgressFn | None = None) -> list[Scored]:
+def score(
+    run: Run, device: torch.device, progress: ProgressFn | None = None, keep: Keep | None = None
+) -> list[Scored]:
     """Score every target in one pass over the source, then select its modules to project
-    (and, through a profile, check the cut against the scores' bounds)."""
+    (and, through a profile, check the cut against the scores' bounds).
+
+    Args:
+        keep: where the projected B's wait for the writer (default: in memory).
+    """
     settings = run.settings
-    found = run.update.score(run.source, settings, device, progress)
+    found = run.update.score(run.source, settings, device, progress, keep or InMemory())
     scored = []
     for index, (target, scores) in enumerate(zip(run.update.targets, found, strict=True)):
         cosines = {name: s.cosine for name, s in scores.items() if s.cosine is not None}

@@ -9,6 +9,7 @@ temporary name and renamed into place when complete).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -135,6 +136,23 @@ def ensure_finetune(built: Built, shards: int = 2) -> Path:
     staging.rename(folder)
     _log(f"  {built.root.name}: full fine-tune built in {time.perf_counter() - started:.0f} s")
     return folder
+
+
+def ensure_linked_batch(built: Built, count: int) -> list[Path]:
+    """``count`` copies of the fixture's adapter, hard-linked (no disk, the same bytes: what
+    each is patched to must be what the adapter alone is), built once into
+    ``<fixture>/linked-<count>``."""
+    root = built.root / f"linked-{count}"
+    folders = [root / f"adapter-{k + 1}" for k in range(count)]
+    if all((folder / "adapter_config.json").is_file() for folder in folders):
+        return folders
+    staging = built.root / f".linked-{count}.building"
+    shutil.rmtree(staging, ignore_errors=True)
+    for folder in folders:
+        shutil.copytree(built.adapter, staging / folder.name, copy_function=os.link)
+    shutil.rmtree(root, ignore_errors=True)
+    staging.rename(root)
+    return folders
 
 
 def _log(message: str) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fixtures import FULL, SLICE, Built, ensure, ensure_finetune
+from fixtures import FULL, SLICE, Built, ensure, ensure_finetune, ensure_linked_batch
 from measure import Measurement, log, measure
 from more_cases import case_specs, profile_check, render_check, target_specs
 from profiling import profile
@@ -33,6 +33,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 CACHE = Path("bench/cache")  # relative to REPO: commands in RESULTS.md read as typed
 OUT = CACHE / "out"
+LINKED = 100  # the flat-memory batch: hard-linked copies of the 6-layer adapter
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ def cases(full: Built, part: Built, finetune: Path) -> list[Case]:
         Case("batch-6", f"batch: {len(part.batch)} adapters on the 6-layer slice, one run",
              patch_command(part, part.batch, OUT / "batch-6"), optional=True,
              output=OUT / "batch-6"),
+        Case("batch-100-6", f"batch: {LINKED} hard-linked copies of the adapter, 6-layer slice",
+             patch_command(part, ensure_linked_batch(part, LINKED), OUT / "batch-100-6"),
+             output=OUT / "batch-100-6"),
         Case("dense-6", "dense reference (bench/dense_reference.py), 6-layer slice",
              [python, "bench/dense_reference.py", str(part.adapter), "--base", str(part.base),
               "--aligned", str(part.aligned), "--output", str(dense_out)], output=dense_out),
@@ -107,6 +111,9 @@ def targets(m: dict[str, Measurement], full: Built) -> list[Target]:
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b is not None else None
 
+    def per_extra(batch: float | None, one: float | None) -> float | None:
+        return (batch - one) / (LINKED - 1) if batch is not None and one is not None else None
+
     return [
         Target("patch-22", "wall ≤ 5 s", wall("patch-22"), 5.0, "s"),
         Target("patch-22", "wall ≤ 4 s (the next step)", wall("patch-22"), 4.0, "s"),
@@ -117,6 +124,9 @@ def targets(m: dict[str, Measurement], full: Built) -> list[Target]:
                ratio(wall("dense-6"), wall("patch-6")), 15.0, "×", at_least=True),
         Target("batch-6", "≤ 1.5× one adapter (patch-6)", ratio(wall("batch-6"), wall("patch-6")),
                1.5, "×"),
+        Target("batch-100-6", "peak RSS ≤ 800 MB", rss("batch-100-6"), 800.0, "MB"),
+        Target("batch-100-6", f"≤ 0.15 s per extra adapter ((batch − patch-6) / {LINKED - 1})",
+               per_extra(wall("batch-100-6"), wall("patch-6")), 0.15, "s"),
         Target("subspace-22", "≤ 3× paper mode (patch-22)",
                ratio(wall("subspace-22"), wall("patch-22")), 3.0, "×"),
         *(Target(*spec) for spec in target_specs(wall, full)),

@@ -31,7 +31,7 @@ from safelora_cli.display.heatmap_layout import (
     layout,
     title,
 )
-from safelora_cli.untrusted import printable
+from safelora_cli.display.sink import plain as printable
 
 MAX_WIDTH = 100
 Reports = Mapping[str, Any] | Sequence[Mapping[str, Any]]

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from safelora_cli.untrusted import printable
+from safelora_cli.display.sink import plain as printable
 
 MAX_COLUMNS = 48  # more distinct module types than this share one "(others)" column
 OTHERS = "(others)"

@@ -6,7 +6,8 @@ be. So the renderers (terminal tables, the heat map, the HTML page, ``inspect``)
 value into rich markup, an HTML page or a JSON result themselves; they take it from here:
 
 - ``plain``: one visible line, the rules of ``untrusted.printable`` (controls, bidi overrides and
-  zero-width characters escaped, long text shortened in the middle);
+  zero-width characters escaped, long text shortened in the middle); the heat map's text (its
+  terminal and plain forms, and the HTML page's grid) is made of it;
 - ``cell`` / ``line``: that line as ``rich.text.Text``, which rich never parses as markup (a
   table's title, caption or cell given as ``str`` would be);
 - ``number``: a finite number formatted, None as "-", anything else shown as text, never a crash
@@ -14,6 +15,9 @@ value into rich markup, an HTML page or a JSON result themselves; they take it f
 - ``html``: ``plain`` escaped for HTML text and attribute values;
 - ``json_text``: a JSON result that any JSON parser reads: non-finite floats (NaN, Infinity)
   become null, and ``allow_nan=False`` makes sure none is left.
+
+Error and warning lines (``errors.SafeLoraError.one_line``, notices) follow the same rules through
+``untrusted.safe_text``, below the display layer, as the library raises them.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ and a sha256 of each stored tensor.
 A profile is an untrusted input. ``read_profile`` checks the safetensors header
 (``index.read_header``), then the metadata against it, before any tensor is read: malformed →
 CorruptFileError (3), a newer schema → IncompatibleInputError (4). ``load_entry`` reads one weight:
-NaN/Inf → NumericalError (5), bytes not matching their checksum → CorruptFileError (3).
+NaN/Inf → NumericalError (5), bytes not matching their checksum → CorruptFileError (3). Every value
+is also checked against what a profile can hold (``profile_check``: ranges, the certificate's
+consistency, Û orthonormal, σ ordered, free text capped): a crafted file with valid checksums is
+CorruptFileError too, before any math.
 Building and writing are in ``runs.profile_build``; the summary ``inspect`` shows and the
 report's record are in ``safelora_cli.sources.profile_summary``.
 """

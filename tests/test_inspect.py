@@ -24,7 +24,7 @@ from safelora_cli.inputs.adapter import expected_alpha
 from safelora_cli.runs.inspection import inspect_adapter
 from safelora_cli.synthetic import LlamaShape, PairSpec, adapter_config, make_pair, save_model
 from tests.conftest import Trio, TrioFactory
-from tests.helpers import CONFIG, PREFIX, Q0, WEIGHTS, Cli, assert_error
+from tests.helpers import CONFIG, PREFIX, Q0, WEIGHTS, Cli, assert_error, invoke
 
 V0 = "model.layers.0.self_attn.v_proj"
 Q1, DOWN0 = "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"
@@ -338,3 +338,15 @@ def test_every_command_has_help_and_examples(cli: Cli, name: str) -> None:
     first_line = command.callback.__doc__.strip().splitlines()[0]
     assert " ".join(first_line.split()[:4]) in " ".join(result.stdout.split())
     assert "Examples:" in result.stdout
+
+
+def test_a_non_finite_alpha_never_reaches_stdout_as_bare_infinity(trio: Trio) -> None:
+    """``lora_alpha: Infinity`` (accepted by Python's JSON reader) is exit 4 with one line, not a
+    listing that would print ``Infinity``, which is not JSON."""
+    config = trio.adapter / CONFIG
+    values = json.loads(config.read_text())
+    values["lora_alpha"] = "@@"
+    config.write_text(json.dumps(values).replace('"@@"', "Infinity"))
+    result = invoke(["inspect", str(trio.adapter), "--json"])
+    assert_error(result, ExitCode.INCOMPATIBLE, "lora_alpha")
+    assert result.stdout == ""

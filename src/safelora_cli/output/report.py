@@ -1,7 +1,9 @@
 """Report: the schema-versioned JSON record of a run, built from plain values (no torch).
 
-The schema is documented in docs/report.md; ``SCHEMA_VERSION`` changes when a field is
-removed or changes meaning, not when one is added.
+The schema is documented in docs/report.md and shipped as a JSON Schema (draft 2020-12),
+``report.schema.json`` beside this module (``safelora schema`` prints it); ``SCHEMA_VERSION``
+changes when a field is removed or changes meaning, not when one is added (the JSON Schema then
+gains the field).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from safelora_cli.version import __version__
 
 SCHEMA_VERSION = 1
 REPORT_NAME = "safelora_report.json"
+JSON_SCHEMA_NAME = "report.schema.json"
 SHORT_REASONS = {
     ZERO_V: "skipped: V = 0",
     ZERO_DELTA: "skipped: BA = 0",
@@ -211,3 +214,10 @@ def subject(report: dict[str, Any]) -> str:
     inputs = report.get("inputs") or {}
     entry = inputs.get("adapter") or inputs.get("model") or {}
     return str(entry.get("path") or entry.get("ref") or "(unknown)")
+
+
+def json_schema_text() -> str:
+    """The report's JSON Schema (draft 2020-12), as shipped in the package."""
+    from importlib.resources import files
+
+    return files(__package__ or "safelora_cli.output").joinpath(JSON_SCHEMA_NAME).read_text("utf-8")

@@ -1,9 +1,10 @@
 """The ``safelora`` command line: typer only; every command calls the library.
 
 One module per command: ``patch``, ``score``, ``inspect_cmd`` (not ``inspect``: the standard
-library's name), ``presets``, ``profile_cmd`` and ``show``. ``_app`` holds the application and
-the stderr console, ``_options`` the options the commands share (derived from
-``settings.OPTIONS``), ``_errors`` the one table from exceptions to stderr lines and exit codes.
+library's name), ``presets``, ``profile_cmd``, ``schema`` and ``show``. ``_app`` holds the
+application and the stderr console, ``_options`` the options the commands share (derived from
+``settings.OPTIONS``), ``_errors`` the one table from exceptions to stderr lines and exit codes,
+``_ci`` what a finished run hands to CI (``--junit``, GitHub Actions' summary and annotations).
 stdout carries only the result (the output path, or the report with --json); progress, tables,
 warnings and errors go to stderr. torch is imported only by commands that compute.
 """
@@ -17,6 +18,7 @@ from safelora_cli.cli import (  # noqa: F401  (importing a command's module regi
     patch,
     presets,
     profile_cmd,
+    schema,
     score,
     show,
 )

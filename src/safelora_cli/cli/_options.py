@@ -36,6 +36,15 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or ta
 RevisionOpt = Annotated[
     str | None, typer.Option("--revision", help="Hub revision for --base and --aligned.")
 ]
+JunitOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--junit",
+        help="Also write the results as JUnit XML here: a testsuite per adapter (or model), a "
+        "testcase per module, a failure per module projected.",
+        metavar="FILE",
+    ),
+]
 AdapterNameOpt = Annotated[
     str | None, typer.Option("--adapter-name", help="Adapter to take when a file holds several.")
 ]

@@ -8,10 +8,12 @@ from typing import Annotated
 import typer
 
 from safelora_cli.cli._app import app, invoked, stderr
+from safelora_cli.cli._ci import CiOutputs
 from safelora_cli.cli._errors import errors_to_exit
 from safelora_cli.cli._options import (
     AdaptersArg,
     JsonOpt,
+    JunitOpt,
     QuietOpt,
     RunFlags,
     adapter_list,
@@ -33,6 +35,7 @@ Examples:
   safelora patch ./my-lora --preset llama-2-7b-chat --merge --output ./merged-model
   safelora patch ./full-ft --base ./base --aligned ./chat --output ./full-ft-safe
   safelora patch ./full-ft --base ./base --aligned ./chat --targets q_proj,v_proj -o ./out
+  safelora patch ./my-lora --profile llama2.safetensors -o ./my-lora-safe --junit junit.xml
 """
 
 
@@ -52,8 +55,12 @@ def patch(
         typer.Option("--report", help="Write the report here instead of OUTPUT/ (one adapter)."),
     ] = None,
     as_json: JsonOpt = False,
+    junit: JunitOpt = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace safelora's files in a non-empty OUTPUT.")
+        bool,
+        typer.Option(
+            "--force", help="Replace safelora's files in a non-empty OUTPUT (and --junit's file)."
+        ),
     ] = False,
     merge: Annotated[
         bool,
@@ -72,13 +79,16 @@ def patch(
     is patched on D = W_ft − W_aligned: its selected weights become W_aligned + P D, every other
     tensor and file stays the fine-tune's. Cost per weight O(out·in·min(out, in)): about 1-2 s
     for a 2048 x 5632 weight on 2 CPU cores, 20-45 min for a 7B model (extrapolated); --device
-    cuda uses a GPU (not measured yet; see docs/performance.md).
+    cuda uses a GPU (not measured yet; see docs/performance.md). In GitHub Actions
+    (GITHUB_ACTIONS=true) a markdown summary per adapter is appended to $GITHUB_STEP_SUMMARY.
     """
+    ci = CiOutputs(junit, force)
     with errors_to_exit():
         paths, batch = adapter_list(adapters)
         if batch and report is not None:
             raise UsageError("--report takes one adapter", "each batch output has its own report")
         config = run.resolve()
+        ci.check(paths, config, output, report)
         from safelora_cli import api as pipeline
 
         with progress_bar(stderr, quiet) as progress:
@@ -107,4 +117,6 @@ def patch(
                         merge=merge,
                     )
                 ]
-        emit_results(stderr, [r.report for r in results], as_json, quiet, batch)
+        reports = [r.report for r in results]
+        emit_results(stderr, reports, as_json, quiet, batch)
+        ci.publish(reports, {})

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from safelora_cli.cli._app import app, stderr
+from safelora_cli.cli._ci import CiOutputs
 from safelora_cli.cli._errors import errors_to_exit
 from safelora_cli.cli._options import (
     AdaptersArg,
     JsonOpt,
+    JunitOpt,
     QuietOpt,
     RunFlags,
     adapter_list,
@@ -29,6 +31,8 @@ Examples:
       --select threshold --threshold 0.5 --fail-if-projected 0   # CI gate
   safelora score ./run/checkpoint-* --preset llama-2-7b-chat --json > reports.json
   safelora score ./full-ft --base ./base --aligned ./chat --targets all-linear
+  safelora score ./my-lora --profile llama2.safetensors --fail-if-projected 0 \\
+      --junit safelora-junit.xml   # test report for GitLab, Jenkins, Azure
 """
 
 
@@ -46,9 +50,18 @@ def score(
             metavar="N",
         ),
     ] = None,
+    junit: JunitOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --junit file.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Score ADAPTER's modules and show which would be projected; writes nothing."""
+    """Score ADAPTER's modules and show which would be projected; writes nothing (but --junit).
+
+    In GitHub Actions (GITHUB_ACTIONS=true) a markdown summary per adapter is appended to
+    $GITHUB_STEP_SUMMARY, and warnings and a failed gate are annotations (on stderr).
+    """
+    ci = CiOutputs(junit, force)
     with errors_to_exit():
         if fail_if_projected is not None and fail_if_projected < 0:
             raise UsageError(
@@ -57,6 +70,7 @@ def score(
             )
         paths, batch = adapter_list(adapters)
         config = run.resolve()
+        ci.check(paths, config)
         from safelora_cli import api as pipeline
 
         with progress_bar(stderr, quiet) as progress:
@@ -72,15 +86,20 @@ def score(
             )
         reports = [r.report for r in results]
         emit_results(stderr, reports, as_json, quiet, batch)
-    if fail_if_projected is None:
-        return
-    over = [r for r in reports if r["summary"]["projected"] > fail_if_projected]
-    for report in over:
-        print(
-            f"gate failed: {safe_text(subject(report))}: "
-            f"{report['summary']['projected']} modules would be projected, "
-            f"more than {fail_if_projected}",
-            file=sys.stderr,
-        )
-    if over:
+        gates = _gate(reports, fail_if_projected)
+        ci.publish(reports, gates)
+    for index, why in gates.items():
+        print(f"gate failed: {safe_text(subject(reports[index]))}: {why}", file=sys.stderr)
+    if gates:
         raise typer.Exit(int(ExitCode.GATE_FAILED))
+
+
+def _gate(reports: list[dict[str, Any]], allowed: int | None) -> dict[int, str]:
+    """Report index -> why it fails ``--fail-if-projected`` (none without the option)."""
+    if allowed is None:
+        return {}
+    return {
+        k: f"{r['summary']['projected']} modules would be projected, more than {allowed}"
+        for k, r in enumerate(reports)
+        if r["summary"]["projected"] > allowed
+    }

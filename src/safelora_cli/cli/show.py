@@ -11,6 +11,7 @@ from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
 from safelora_cli.display.sink import json_text
 from safelora_cli.display.terminal import show_report, write_stdout
+from safelora_cli.errors import UsageError
 
 EXAMPLES = """\b
 Examples:
@@ -18,6 +19,7 @@ Examples:
   safelora score ./run/checkpoint-* --preset llama-2-7b-chat --json > reports.json
   safelora show reports.json --html reports.html
   safelora show report.json --json | jq '.summary'
+  safelora show report.json --markdown > comment.md   # a pull-request comment, a CI summary
 """
 
 
@@ -38,12 +40,22 @@ def show_command(
         Path | None,
         typer.Option("--html", help="Also write a self-contained HTML page here.", metavar="FILE"),
     ] = None,
+    markdown: Annotated[
+        bool,
+        typer.Option(
+            "--markdown",
+            help="Print the report(s) as GitHub-flavoured markdown to stdout (the GitHub Actions "
+            "step summary).",
+        ),
+    ] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing --html file.")
     ] = False,
 ) -> None:
     """Show a saved report: the per-layer heat map of its cosines and the modules projected."""
     with errors_to_exit():
+        if as_json and markdown:
+            raise UsageError("--json and --markdown both print to stdout", "choose one")
         from safelora_cli.output.report_file import read_reports
 
         reports = read_reports(report)
@@ -56,6 +68,10 @@ def show_command(
             write_text(html, render_html(reports if len(reports) > 1 else reports[0]), "--html")
         if as_json:
             write_stdout(json_text(reports if len(reports) > 1 else reports[0]))
+        elif markdown:
+            from safelora_cli.display.markdown import reports_markdown
+
+            write_stdout(reports_markdown(reports))
         else:
             for one in reports:
                 show_report(stderr, one)

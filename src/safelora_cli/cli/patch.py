@@ -118,5 +118,5 @@ def patch(
                     )
                 ]
         reports = [r.report for r in results]
+        ci.publish(reports, {})  # first: a --junit that cannot be written leaves stdout empty
         emit_results(stderr, reports, as_json, quiet, batch)
-        ci.publish(reports, {})

@@ -85,9 +85,9 @@ def score(
                 profile=config.profile,
             )
         reports = [r.report for r in results]
-        emit_results(stderr, reports, as_json, quiet, batch)
         gates = _gate(reports, fail_if_projected)
-        ci.publish(reports, gates)
+        ci.publish(reports, gates)  # first: a --junit that cannot be written leaves stdout empty
+        emit_results(stderr, reports, as_json, quiet, batch)
     for index, why in gates.items():
         print(f"gate failed: {safe_text(subject(reports[index]))}: {why}", file=sys.stderr)
     if gates:

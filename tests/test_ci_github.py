@@ -180,15 +180,19 @@ def test_code_spans_outlast_the_backticks_inside() -> None:
     assert text("*a* _b_ <c> &d") == "\\*a\\* \\_b\\_ &lt;c&gt; &amp;d"
 
 
-def test_show_markdown_renders_a_malformed_report_without_failing(tmp_path: Path) -> None:
+def test_a_malformed_report_is_refused_by_show_and_rendered_by_the_function(
+    tmp_path: Path,
+) -> None:
     report = make_report()
     report["modules"][0]["cosine"] = "0.5"  # wrong types, as a hand-edited file may hold
     report["modules"][1] = ["not", "a", "module"]
     report["warnings"] = "not a list"
-    report["inputs"] = None
     path = tmp_path / "r.json"
     path.write_text(json.dumps(report))
     result = invoke(["show", str(path), "--markdown"])
-    assert result.exit_code == ExitCode.OK, result.stderr
-    assert "1 malformed module entries ignored" in result.stdout
-    assert "!!" in result.stdout  # the module whose cosine is not a number
+    assert_error(result, ExitCode.CORRUPT, "cosine")
+    assert result.stdout == ""
+    # the library function takes any dict: what it cannot read is counted, never fatal
+    rendered = report_markdown(report)
+    assert "1 malformed module entries ignored" in rendered
+    assert "!!" in rendered  # the module whose cosine is not a number

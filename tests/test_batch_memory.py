@@ -4,6 +4,7 @@ each weight's modules are scored a part at a time (``adapters.FACTOR_FLOOR``).""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import weakref
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from safelora_cli import Settings, patch, patch_many
+from safelora_cli import Settings, patch, patch_many, score_many
 from safelora_cli.math.projection import ModuleScore
 from safelora_cli.runs import adapters as adapter_runs
 from safelora_cli.runs.keep import Drop, InMemory, Spill
@@ -105,6 +106,20 @@ def test_a_batch_holds_about_one_weight_of_factors_whatever_its_size(
     assert 0 < live.peak <= bound
     assert live.now == 0
     assert leftovers(tmp_path) == []  # the scratch file has no name, and is gone
+
+
+def test_scoring_a_batch_keeps_no_projected_b(
+    make_trio: TrioFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``score`` writes nothing: each projected B is dropped as soon as it is scored."""
+    trio = make_trio(rank=8)
+    batch = copies(trio.adapter, tmp_path / "batch", 24)
+    monkeypatch.setattr(adapter_runs, "FACTOR_FLOOR", 0)
+    live = watch_factors(monkeypatch)
+    results = score_many(batch, trio.base, trio.aligned, Settings(num_layers=3))
+    assert len({json.dumps(r.report["modules"]) for r in results}) == 1  # the same adapter
+    assert 0 < live.peak <= WORKERS * weight_bytes(trio)
+    assert live.now == 0
 
 
 @pytest.mark.parametrize(

@@ -192,19 +192,23 @@ def make_adapter(
 
     Args:
         base, aligned: the pair the adapter belongs to (read to build span(V)).
-        modules: base weight names without ".weight".
+        modules: base weight names without ".weight" (``lm_head`` of a tied model: its V is
+            the input embedding's).
         key_prefix / adapter_name: key layout ("base_model.model." and "" as PEFT saves it).
     """
     from safetensors import safe_open
 
+    from safelora_cli.inputs.heads import HEAD, pair_heads
     from safelora_cli.inputs.index import index_folder
 
     gen = _generator(seed)
     b_index, a_index = index_folder(base), index_folder(aligned)
     tensors: dict[str, torch.Tensor] = {}
     modules = list(modules)
+    tied = pair_heads(b_index, a_index).tied_to
     for k, module in enumerate(modules):
-        info_b, info_a = b_index.tensors[f"{module}.weight"], a_index.tensors[f"{module}.weight"]
+        weight = tied if f"{module}.weight" == HEAD and tied is not None else f"{module}.weight"
+        info_b, info_a = b_index.tensors[weight], a_index.tensors[weight]
         with safe_open(str(info_b.path), "pt") as fb, safe_open(str(info_a.path), "pt") as fa:
             v = fa.get_tensor(info_a.name).double() - fb.get_tensor(info_b.name).double()
         out, inp = v.shape

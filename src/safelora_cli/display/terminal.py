@@ -318,10 +318,12 @@ def profile_table(console: Console, summary: dict[str, Any]) -> None:
     table.add_column("weight", no_wrap=True)
     for column in ("shape", "k", "energy", "error bound", "MB"):
         table.add_column(column, justify="right")
+    heads = {stored: head for head, stored in summary.get("tied", {}).items()}
     for row in summary["weights"]:
+        tied = f" (and {heads[row['weight']]}, tied)" if row["weight"] in heads else ""
         _add_row(
             table,
-            shown(row["weight"]),
+            shown(row["weight"] + tied),
             _shape(row["shape"]),
             "whole" if row["kind"] == "whole" else count(row["rank"]),
             number(row["captured_energy"], ".4f"),

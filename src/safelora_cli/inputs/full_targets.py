@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from safelora_cli.errors import IncompatibleInputError, UsageError
+from safelora_cli.inputs.heads import HEAD
 from safelora_cli.inputs.index import FLOAT_DTYPES, TensorIndex, TensorInfo
 from safelora_cli.inputs.pairing import CONV1D_LAYERS, CONV1D_MODEL_TYPES
 from safelora_cli.inputs.patterns import bounded_match, compile_pattern
@@ -120,16 +121,24 @@ def select_targets(
     shapes: Mapping[str, tuple[int, ...]],
     targets: Targets = Targets(),
     model: str = "the fine-tune",
+    head: str | None = None,
 ) -> list[str]:
     """The weight names ``targets`` selects among ``shapes`` (name -> shape), in input order;
     ``model`` names the model the shapes are of in errors ("the aligned model" for a profile).
+
+    ``head``: the stored weight a tied ``lm_head`` is (``heads.PairHeads.tied_to``): the module
+    ``lm_head`` then selects it (once, with the embedding it is).
 
     Raises:
         UsageError: nothing selected, or a list entry that names no 2-D weight (with a hint for
             the tied lm_head of a model that stores only its input embedding).
     """
     modules = {n.removesuffix(".weight"): n for n, s in shapes.items() if is_candidate(n, s)}
-    chosen = [weight for module, weight in modules.items() if targets.matches(module)]
+    if head is not None and head in modules.values():
+        modules[HEAD.removesuffix(".weight")] = head
+    chosen = list(
+        dict.fromkeys(weight for module, weight in modules.items() if targets.matches(module))
+    )
     unmatched = [
         entry
         for entry in targets.names
@@ -179,6 +188,7 @@ def pair_full_weights(
     targets: Targets = Targets(),
     model_type: str | None = None,
     model: str = "the fine-tune",
+    head: str | None = None,
 ) -> list[FullPair]:
     """Check the fine-tune against the aligned model and pair every targeted weight.
 
@@ -188,6 +198,8 @@ def pair_full_weights(
         targets: which weights to patch.
         model_type: ``model_type`` from the fine-tune's config.json (Conv1D layouts).
         model: how messages name ``ft`` ("the aligned model" when profiling a pair).
+        head: the embedding a tied ``lm_head`` is, for ``targets`` to reach it as ``lm_head``
+            (``select_targets``).
     Returns:
         The targeted pairs, in the fine-tune's shard/offset order (the order to write them in).
     Raises:
@@ -198,7 +210,7 @@ def pair_full_weights(
         UsageError: from ``select_targets``.
     """
     problems = model_problems(ft, aligned)
-    chosen = select_targets({n: i.shape for n, i in ft.tensors.items()}, targets, model)
+    chosen = select_targets({n: i.shape for n, i in ft.tensors.items()}, targets, model, head)
     pairs, more = [], []
     conv1d = model_type in CONV1D_MODEL_TYPES
     for name in chosen:

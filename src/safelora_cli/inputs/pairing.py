@@ -6,23 +6,31 @@ before any tensor data is read.
 Two facts come from the base model's ``config.json`` when it has one (it is optional):
 ``model_type``, because PEFT decides ``fan_in_fan_out`` per layer from the layer's class (Conv1D or
 Linear) and rewrites the saved flag as it goes, so an adapter mixing both (GPT-2 ``c_attn`` and
-``lm_head``) saves a flag that is wrong for some of its modules; and ``tie_word_embeddings``, so an
-untied model missing ``lm_head.weight`` is an error rather than silently paired with its embedding.
+``lm_head``) saves a flag that is wrong for some of its modules; and ``tie_word_embeddings``: an
+adapter's ``lm_head`` pairs with the weight that is each model's head (``heads.model_head``: the
+input embedding of a tied model), a base and an aligned model that disagree on it do not pair, and
+an untied model missing ``lm_head.weight`` is an error rather than silently paired with its
+embedding.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any
 
 from safelora_cli.errors import PairingError, PairingProblem
 from safelora_cli.inputs.adapter import Adapter, LoraModule
+from safelora_cli.inputs.heads import (
+    HEAD,
+    MODEL_CONFIG,
+    TIED_HEAD_STORED,
+    PairHeads,
+    model_config,
+    model_head,
+)
 from safelora_cli.inputs.index import FLOAT_DTYPES, TensorIndex, TensorInfo
-from safelora_cli.inputs.smallfiles import load_json
+from safelora_cli.notices import Notices
 
-TIED_FALLBACKS = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight")}
-MODEL_CONFIG = "config.json"
+__all__ = ["CONV1D_LAYERS", "CONV1D_MODEL_TYPES", "MODEL_CONFIG", "ModulePair", "pair_modules"]
 # transformers architectures built on Conv1D (weights stored (in, out)), and their Conv1D layers;
 # their other layers (lm_head) are nn.Linear.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
@@ -60,23 +68,11 @@ class ModulePair:
         return (self.lora.b.shape[0], self.lora.a.shape[1])
 
 
-def _model_config(index: TensorIndex) -> dict[str, Any]:
-    """The folder's config.json, or {} when it has none (it is optional); one that is there is
-    read like any other input, and a broken one is an error."""
-    path = index.root / MODEL_CONFIG
-    if not os.path.lexists(path):
-        return {}
-    return load_json(path, "model config")
-
-
-def _lookup(index: TensorIndex, weight: str, tied_ok: bool) -> tuple[TensorInfo | None, bool]:
-    info = index.get(weight)
-    if info is not None:
-        return info, False
-    for fallback in TIED_FALLBACKS.get(weight, ()) if tied_ok else ():
-        if fallback in index:
-            return index.get(fallback), True
-    return None, False
+def _lookup(index: TensorIndex, weight: str, head: str | None) -> TensorInfo | None:
+    """The stored tensor a module's weight is: its own, or for lm_head the model's head."""
+    if weight == HEAD:
+        return index.get(head) if head is not None else None
+    return index.get(weight)
 
 
 def _transposed(module: str, fan_in_fan_out: bool, conv1d_model: bool) -> bool:
@@ -86,45 +82,59 @@ def _transposed(module: str, fan_in_fan_out: bool, conv1d_model: bool) -> bool:
     return fan_in_fan_out
 
 
-def pair_modules(adapter: Adapter, base: TensorIndex, aligned: TensorIndex) -> list[ModulePair]:
+def pair_modules(
+    adapter: Adapter, base: TensorIndex, aligned: TensorIndex, notices: Notices | None = None
+) -> list[ModulePair]:
     """Pair every adapter module with its base and aligned weights.
 
     Args:
         adapter: the validated adapter.
         base, aligned: indexes of the two model folders.
+        notices: where a ``tied-head-stored`` notice goes (an adapted ``lm_head`` of a tied
+            model that stores ``lm_head.weight`` too: paired as tied, the copy unused).
     Returns:
         One ``ModulePair`` per LoRA module, in shard/offset order of the base weights.
     Raises:
         PairingError: with every module that does not pair in ``problems``; its message lists
-            the first few, and how many.
+            the first few, and how many. A ``lm_head`` whose base and aligned models disagree
+            on tied embeddings is one.
     """
     missing: dict[str, list[str]] = {"base": [], "aligned": []}
     problems: list[PairingProblem] = []
     mismatched: list[str] = []
     pairs = []
-    configs = {"base": _model_config(base), "aligned": _model_config(aligned)}
+    configs = {"base": model_config(base), "aligned": model_config(aligned)}
+    heads = PairHeads(model_head(base, configs["base"]), model_head(aligned, configs["aligned"]))
     conv1d_model = configs["base"].get("model_type") in CONV1D_MODEL_TYPES
     for lora in adapter.modules:
         weight = f"{lora.module}.weight"
-        found: dict[str, tuple[TensorInfo | None, bool]] = {
-            side: _lookup(index, weight, configs[side].get("tie_word_embeddings") is not False)
+        if weight == HEAD and (problem := heads.problem()) is not None:
+            problems.append(PairingProblem(lora.module, problem))
+            mismatched.append(f"{lora.module}: {problem}")
+            continue
+        found = {
+            side: _lookup(index, weight, getattr(heads, side).weight)
             for side, index in (("base", base), ("aligned", aligned))
         }
-        absent = [side for side, (info, _) in found.items() if info is None]
+        absent = [side for side, info in found.items() if info is None]
         for side in absent:
             missing[side].append(weight)
             problems.append(PairingProblem(lora.module, f"no {weight} in the {side} model"))
-        (base_info, base_tied), (aligned_info, aligned_tied) = found["base"], found["aligned"]
+        base_info, aligned_info = found["base"], found["aligned"]
         if base_info is None or aligned_info is None:
             continue
         transpose = _transposed(lora.module, adapter.fan_in_fan_out, conv1d_model)
-        pair = ModulePair(lora, base_info, aligned_info, transpose, base_tied or aligned_tied)
+        tied = weight == HEAD and heads.tied_to is not None
+        pair = ModulePair(lora, base_info, aligned_info, transpose, tied)
         problem = _check_pair(pair)
         if problem:
             problems.append(PairingProblem(lora.module, problem))
             mismatched.append(f"{lora.module}: {problem}")
-        else:
-            pairs.append(pair)
+            continue
+        pairs.append(pair)
+        note = heads.copy_note(lora.module) if tied else None
+        if note is not None and notices is not None:
+            notices.add(TIED_HEAD_STORED, note, values={"weight": heads.tied_to, "copy": HEAD})
     if problems:
         raise PairingError(
             problems,

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from safelora_cli.errors import IncompatibleInputError
 from safelora_cli.inputs.adapter import PREFIX, Adapter, expected_rank, scaling
+from safelora_cli.inputs.heads import TIED_FALLBACKS
 from safelora_cli.inputs.index import FLOAT_DTYPES, TensorIndex, TensorInfo
-from safelora_cli.inputs.pairing import TIED_FALLBACKS, ModulePair
+from safelora_cli.inputs.pairing import ModulePair
 
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B)(?:\.(?P<name>[^.]+))?\.weight$")
 _EMBED = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<kind>A|B)(?:\.(?P<name>[^.]+))?$")

@@ -111,7 +111,7 @@ class PairSource:
                 pair.transpose,
                 pair.tied,
             )  # fmt: skip
-            for pair in pair_modules(adapter, self.base, self.aligned)
+            for pair in pair_modules(adapter, self.base, self.aligned, notices)
         ]
 
     def pair_full(

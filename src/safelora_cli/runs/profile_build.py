@@ -109,6 +109,7 @@ def write_profile(
     rule: RankRule,
     *,
     transposed: Collection[str] = (),
+    tied: Mapping[str, str] | None = None,
     force: bool = False,
 ) -> int:
     """Write the profile atomically: a temporary file beside ``path``, fsync'd, renamed over it.
@@ -117,6 +118,8 @@ def write_profile(
         entries: from ``build_profile``; inputs: JSON-ready description of the model pair.
         rule: the rank rule the entries were built with.
         transposed: weights whose stored tensor is (in, out) (Conv1D), given transposed.
+        tied: {"lm_head.weight": embedding} when the model pair ties its head (written only
+            then: a profile of an untied pair is as before).
     Returns:
         The file's size in bytes.
     Raises:
@@ -135,6 +138,7 @@ def write_profile(
         "inputs": dict(inputs),
         "rank_rule": rule_json(rule),
         "weights": weights,
+        **({"tied": dict(tied)} if tied else {}),
     }
     metadata = {
         "format": FORMAT,

@@ -2,7 +2,8 @@
 
 The weights profiled are those a run can need: by default every 2-D weight of the repeated
 blocks (all an adapter can target there), or ``--targets`` (``full_targets``: names, a regex or
-all-linear; name ``lm_head`` or the embeddings to include them). Each V = W_aligned − W_base comes
+all-linear; name ``lm_head`` or the embeddings to include them: a tied ``lm_head`` is its
+embedding, recorded as tied, ``heads.py``). Each V = W_aligned − W_base comes
 from ``stream.map_alignment`` in the module's (out, in) orientation (Conv1D weights are
 transposed, and recorded as such) and is decomposed under the rank rule (``lowrank.decompose``)
 in the stream's worker threads, two weights at once on two cores, each single-threaded
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from safelora_cli.inputs.full_targets import FullPair, Targets, pair_full_weights
+from safelora_cli.inputs.heads import HEAD, pair_heads, profiled_head
 from safelora_cli.inputs.index import TensorInfo, index_folder
 from safelora_cli.inputs.pairing import MODEL_CONFIG
 from safelora_cli.inputs.resolve import resolve
@@ -89,19 +91,23 @@ def make_profile(
     model_type = (load_json(config_path, "model config") if config_path.exists() else {}).get(
         "model_type"
     )
+    chosen = Targets.parse(targets) if targets else Targets()
+    head = profiled_head(pair_heads(base_index, aligned_index), chosen.matches("lm_head"), notices)
     pairs = pair_full_weights(
         aligned_index,  # every profiled weight must be in both models, with one shape
         aligned_index,
         base_index,
-        Targets.parse(targets) if targets else Targets(),
+        chosen,
         model_type if isinstance(model_type, str) else None,
         model="the aligned model",
+        head=head,  # a tied lm_head is its embedding, named as pairing names it
     )
     check_profile_output(output, force)
     entries = _entries(pairs, rule, device or torch.device("cpu"), progress)
     inputs = {"base": base_input.describe(), "aligned": aligned_input.describe()}
     transposed = {pair.name for pair in pairs if pair.transpose}
-    write_profile(output, entries, inputs, rule, transposed=transposed, force=force)
+    tied = {HEAD: head} if head is not None else None
+    write_profile(output, entries, inputs, rule, transposed=transposed, tied=tied, force=force)
     summary = describe(read_profile(output))
     summary["warnings"] = notices.as_list()
     return summary

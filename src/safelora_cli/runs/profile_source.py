@@ -74,14 +74,22 @@ class ProfileSource:
             notices.add(finding.code, finding.message, values=finding.values)
 
     def pair_adapter(self, adapter: Adapter, notices: Notices) -> list[AdapterModule]:
-        weights = self.profile.weights
+        """Each module with its entry: its weight's, or for a tied lm_head the embedding's
+        (``ProfileInfo.stored_weight``), as pairing on the model pair has it."""
+        profile = self.profile
         modules = {f"{m.module}.weight": (m.b.shape[0], m.a.shape[1]) for m in adapter.modules}
-        stored_transposed = {w for w in modules if w in weights and weights[w].transposed}
-        check_adapter(self.profile, modules, stored_transposed)  # it knows each weight's layout
-        return [
-            AdapterModule(m, Weight(f"{m.module}.weight"), weights[f"{m.module}.weight"].transposed)
-            for m in adapter.modules
-        ]
+        entries = {w: profile.weights.get(profile.stored_weight(w)) for w in modules}
+        stored_transposed = {w for w, e in entries.items() if e is not None and e.transposed}
+        # the profile knows each weight's layout, and which lm_head is a tied embedding
+        check_adapter(profile, modules, stored_transposed, tied=True)
+        paired = []
+        for m in adapter.modules:
+            stored = profile.stored_weight(f"{m.module}.weight")
+            tied = stored != f"{m.module}.weight"
+            paired.append(
+                AdapterModule(m, Weight(stored), profile.weights[stored].transposed, tied)
+            )
+        return paired
 
     def pair_full(
         self, model: TensorIndex, aligned: TensorIndex, targets: Targets, model_type: str | None

@@ -6,7 +6,9 @@ Layout. Tensors ``<weight>.u`` (out, k) and ``<weight>.s`` (k,) float32 for a lo
 the tool, the caller's ``inputs`` (refs, hub ids, commits, file sizes), the ``rank_rule``, and per
 weight its shape (the module's (out, in)), ‖V‖_F, kind, k, how Û was found, whether the stored
 weight is (in, out) (Conv1D), the certificate (``math.certificate``), the captured energy
-and a sha256 of each stored tensor.
+and a sha256 of each stored tensor; and, when the model pair ties its output head to its input
+embedding, ``tied``: {"lm_head.weight": the embedding's name} (the entry a tied lm_head is
+scored against, under the name pairing gives it; optional, absent in older files).
 
 A profile is an untrusted input. ``read_profile`` checks the safetensors header
 (``index.read_header``), then the metadata against it, before any tensor is read: malformed →
@@ -25,7 +27,7 @@ import hashlib
 import math
 import stat
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -91,6 +93,12 @@ class ProfileInfo:
     rule: RankRule
     weights: dict[str, WeightInfo]
     header: SafetensorsHeader
+    tied: dict[str, str] = field(default_factory=dict)
+
+    def stored_weight(self, weight: str) -> str:
+        """The entry a model weight is scored against: its own, or for a tied ``lm_head.weight``
+        the embedding it is tied to."""
+        return self.tied.get(weight, weight)
 
     def tensor_bytes(self, weight: str) -> int:
         """Bytes of tensor data stored for ``weight``."""
@@ -143,6 +151,7 @@ def read_profile(path: Path) -> ProfileInfo:
         rule=_rule(path, _field(body, "rank_rule", dict, where)),
         weights=weights,
         header=header,
+        tied=check.tied(path, body.get("tied", {}), weights),
     )
 
 
@@ -315,20 +324,25 @@ def check_adapter(
     profile: ProfileInfo,
     modules: Mapping[str, tuple[int, int]],
     transposed: Collection[str] = (),
+    *,
+    tied: bool = False,
 ) -> None:
     """Check that the profile covers an adapter: every weight present, shapes and layout equal.
 
     Args:
         modules: weight name (``<module>.weight``) -> the module's (out, in), as lora_B @ lora_A.
         transposed: the weights the adapter's base layers store (in, out) (fan_in_fan_out).
+        tied: a tied ``lm_head.weight`` is checked as the embedding the profile ties it to
+            (``ProfileInfo.stored_weight``), as pairing does.
     Raises:
         IncompatibleInputError: listing every problem at once (the first few of each kind).
     """
-    missing = [w for w in modules if w not in profile.weights]
-    shapes, layouts = [], []
+    missing, shapes, layouts = [], [], []
     for weight, shape in modules.items():
-        info = profile.weights.get(weight)
+        stored = profile.stored_weight(weight) if tied else weight
+        info = profile.weights.get(stored)
         if info is None:
+            missing.append(weight if stored == weight else f"{weight} (tied to {stored})")
             continue
         if tuple(shape) != info.shape:
             shapes.append(f"{weight}: adapter {list(shape)}, profile {list(info.shape)}")
@@ -345,10 +359,18 @@ def check_adapter(
             f"{_first(layouts)}"
         )
     if problems:
-        raise IncompatibleInputError(
-            f"{profile.path}: does not fit the adapter: " + "; ".join(problems),
+        hint = (
             "the profile was made from another model pair; build one from the adapter's base "
-            "and aligned models with `safelora profile`",
+            "and aligned models with `safelora profile`"
+        )
+        if missing and not shapes and not layouts:
+            hint = (
+                "the profile holds no entry for these weights: build it from the adapter's base "
+                "and aligned models with `safelora profile --targets` naming these modules "
+                "(lm_head too, tied or not)"
+            )
+        raise IncompatibleInputError(
+            f"{profile.path}: does not fit the adapter: " + "; ".join(problems), hint
         )
 
 

@@ -10,6 +10,8 @@ is checked against what a profile made by ``safelora profile`` can hold; anythin
 - the free text (``tool``, ``inputs``): objects of the right shape, every string at most
   ``MAX_TEXT`` characters and all of it at most ``MAX_FREE_TEXT_BYTES`` as JSON, so that a
   profile's provenance cannot turn into a 60 MB report;
+- the ``tied`` record: at most ``MAX_TIED`` names, each mapped to another name, none of them a
+  weight stored in the file (a tied head has no entry of its own);
 - shapes within ``MAX_DIM``; ‖V‖_F within what float32 data can give (at least the smallest
   float32 subnormal, at most sqrt(out·in) × the largest float32): no overflow in the squares the
   certificate and the scores take;
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ MAX_TEXT = 4096
 """The longest string the free text may hold (a path is at most 4096 bytes on Linux)."""
 MAX_FREE_TEXT_BYTES = 256 * 1024
 """``tool`` and ``inputs`` together, as JSON."""
+MAX_TIED = 4
 FLOAT32_TINY = 2.0**-149  # the smallest positive float32 (subnormal)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 ORTHONORMAL_TOLERANCE = 1e-4
@@ -108,6 +112,33 @@ def free_text(path: Path, tool: object, inputs: object) -> tuple[dict[str, Any],
             "the file was edited or damaged; rebuild the profile",
         )
     return tool, inputs
+
+
+def tied(path: Path, raw: object, weights: Collection[str]) -> dict[str, str]:
+    """The optional ``tied`` record: {a model weight: the stored entry it is tied to}.
+
+    Raises:
+        CorruptFileError: not an object of at most ``MAX_TIED`` names, a name over ``MAX_TEXT``
+            characters, a name tied to itself, or a tied name that has an entry of its own.
+    """
+    if not isinstance(raw, dict) or len(raw) > MAX_TIED:
+        raise CorruptFileError(
+            f"{path}: profile metadata: 'tied' is not an object of at most {MAX_TIED} names",
+            "the file was edited or damaged; rebuild the profile",
+        )
+    for key, value in raw.items():
+        if (
+            not isinstance(value, str)
+            or max(len(key), len(value)) > MAX_TEXT
+            or key in weights
+            or key == value
+        ):
+            raise CorruptFileError(
+                f"{path}: profile metadata: 'tied' maps {key[:80]!r} to {str(value)[:80]!r}, "
+                "not a head to another weight's entry",
+                "the file was edited or damaged; rebuild the profile",
+            )
+    return dict(raw)
 
 
 def _longest_string(value: Any) -> int:

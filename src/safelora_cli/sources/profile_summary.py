@@ -45,6 +45,7 @@ def describe(profile: ProfileInfo) -> dict[str, Any]:
         "inputs": profile.inputs,
         "rank_rule": rule_json(profile.rule),
         "weights": rows,
+        "tied": dict(profile.tied),  # {"lm_head.weight": the embedding it is tied to}
         "totals": totals,
     }
 

@@ -293,3 +293,22 @@ def test_pair_heads_name_the_tie_only_when_both_agree(tmp_path: Path) -> None:
     heads = pair_heads(index_folder(base), index_folder(aligned))
     assert heads.tied_to is None
     assert heads.problem() is not None
+
+
+def test_a_tied_config_with_no_known_embedding_keeps_its_stored_head(tmp_path: Path) -> None:
+    """Tied in config.json, but no embedding safelora knows the name of: lm_head.weight is the
+    head, untied, in the report and in the merge alike (no tie claimed anywhere)."""
+    base, aligned = make_pair(tmp_path / "pair", PairSpec(shape=LlamaShape(), seed=3))
+    for folder in (base, aligned):
+        edit_model(folder, tie=True)
+        edit_tensors(folder / MODEL, lambda t: t.__setitem__("embed_in.weight", t.pop(EMBED)))
+    adapter = make_adapter(tmp_path / "adapter", base, aligned, ["lm_head"], seed=7)
+    pair = ["--base", str(base), "--aligned", str(aligned)]
+    out = tmp_path / "merged"
+    run(["patch", str(adapter), *pair, "-o", str(out), "--merge", *K])
+    report = json.loads((out / REPORT).read_text())
+    assert (report["modules"][0]["weight"], report["modules"][0]["tied"]) == (HEAD, False)
+    assert not {"merged-tied", TIED_HEAD_STORED} & {w["code"] for w in report["warnings"]}
+    tensors, before = load_file(out / MODEL), load_file(aligned / MODEL)
+    assert not torch.equal(tensors[HEAD], before[HEAD])
+    assert torch.equal(tensors["embed_in.weight"], before["embed_in.weight"])

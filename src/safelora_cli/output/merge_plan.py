@@ -89,10 +89,11 @@ class _Builder:
 
     def shared(self) -> set[str]:
         """The stored names of the one matrix a tied model uses as embedding and head (both are
-        stored by some checkpoints: an update to either is an update to both, as in PEFT)."""
+        stored by some checkpoints: an update to either is an update to both, as in PEFT); the
+        rule of ``heads.model_head``: no known embedding, no tie."""
         head = "lm_head.weight"
         names = {n for n in TIED_FALLBACKS[head] if n in self.aligned}
-        if self.tie is True or (self.tie is None and head not in self.aligned):
+        if names and (self.tie is True or (self.tie is None and head not in self.aligned)):
             return names | ({head} & set(self.aligned))
         return set()
 

@@ -8,6 +8,7 @@ P D all fit either way round, so only the values tell. The model is a seeded tra
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from safelora_cli.settings import Projection, ProjectionSpec
 from safelora_cli.synthetic import FineTuneSpec, make_full_finetune
 from tests.factories import gpt2_pair
 from tests.full_helpers import (
+    FullRun,
+    Scored,
+    Target,
     cosine,
     dense_paper,
     dense_subspace,
@@ -25,6 +29,7 @@ from tests.full_helpers import (
     patch_full,
     same_bytes,
 )
+from tests.helpers import REPORT, invoke
 
 SQUARE = "transformer.h.1.attn.c_proj.weight"  # (32, 32): hidden x hidden
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -41,20 +46,46 @@ def module_view(stored: torch.Tensor) -> torch.Tensor:
     return stored.double().T
 
 
+def patch_via_profile(ft: Path, base: Path, aligned: Path, out: Path, rank: int) -> FullRun:
+    """``safelora profile`` of the pair (rank 8: all of V's rank 4), then ``patch FT --profile
+    --aligned`` in subspace mode, every weight projected; read back from the report."""
+    profile = out.parent / "pair.safetensors"
+    made = invoke(["profile", "--base", str(base), "--aligned", str(aligned), "-o", str(profile),
+                   "--rank", "8", "-q"])  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    result = invoke(["patch", str(ft), "--profile", str(profile), "--aligned", str(aligned),
+                     "-o", str(out), "-q", "--select", "threshold", "--threshold", "1",
+                     "--projection", "subspace", "--rank", str(rank)])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / REPORT).read_text())
+    modules = report["modules"]
+    return FullRun(
+        pairs=[Target(m["weight"]) for m in modules],
+        scores={m["weight"]: Scored(m["cosine"], m["skipped"]) for m in modules},
+        selected={m["weight"] for m in modules if m["projected"]},
+        report=report,
+    )
+
+
 @pytest.mark.parametrize(
-    ("spec", "targets"),
+    ("spec", "targets", "via_profile"),
     [
-        pytest.param(ProjectionSpec(), (), id="paper-every-block-weight"),
-        pytest.param(ProjectionSpec(Projection.SUBSPACE, rank=3), (), id="subspace"),
-        pytest.param(ProjectionSpec(), ("attn.c_proj",), id="paper-square-c_proj-only"),
+        pytest.param(ProjectionSpec(), (), False, id="paper-every-block-weight"),
+        pytest.param(ProjectionSpec(Projection.SUBSPACE, rank=3), (), False, id="subspace"),
+        pytest.param(ProjectionSpec(), ("attn.c_proj",), False, id="paper-square-c_proj-only"),
+        pytest.param(ProjectionSpec(Projection.SUBSPACE, rank=3), (), True, id="via-profile"),
     ],
 )
 def test_a_gpt2_fine_tune_is_patched_in_its_stored_layout(
-    tmp_path: Path, spec: ProjectionSpec, targets: tuple[str, ...]
+    tmp_path: Path, spec: ProjectionSpec, targets: tuple[str, ...], via_profile: bool
 ) -> None:
     ft, base, aligned = build(tmp_path)
     out = tmp_path / "out"
-    run = patch_full(ft, base, aligned, out, spec, "threshold", threshold=1.0, targets=targets)
+    run = (
+        patch_via_profile(ft, base, aligned, out, spec.rank or 0)
+        if via_profile
+        else patch_full(ft, base, aligned, out, spec, "threshold", threshold=1.0, targets=targets)
+    )
     t_base, t_aligned, t_ft = folder_tensors(base), folder_tensors(aligned), folder_tensors(ft)
     leaves = targets or CONV1D
     want_targets = {

@@ -21,13 +21,15 @@ from transformers import (
     LlamaForCausalLM,
     Trainer,
     TrainerCallback,
+    TrainerControl,
+    TrainerState,
     TrainingArguments,
 )
 
 from safelora_cli.errors import FilesystemError, UsageError
 from safelora_cli.integrations.transformers import METRICS, SafeLoraCallback, checkpoint_metrics
 from safelora_cli.settings import Settings
-from tests.factories import load_base, save_hf_pair
+from tests.factories import load_base, randomize_lora, save_hf_pair
 from tests.helpers import REPORT, WEIGHTS, invoke, read_tensors
 
 pytestmark = pytest.mark.slow
@@ -266,3 +268,29 @@ def test_checkpoint_folders_hold_what_the_callback_scored(
     for score in callback.scores:
         assert (score.folder / WEIGHTS).is_file()
         assert score.report["inputs"]["adapter"]["path"].endswith(f"checkpoint-{score.step}")
+
+
+def test_without_a_trainer_the_metrics_go_to_log_history(
+    pair: tuple[Path, Path], profile: Path, tmp_path: Path
+) -> None:
+    """A loop that calls the callbacks itself (no Trainer up the stack): the checkpoint is still
+    scored, and the metrics land in ``state.log_history``."""
+    _, aligned = pair
+    checkpoint = tmp_path / "checkpoint-3"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(load_base(aligned), LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_lora(model, seed=5)
+    model.save_pretrained(checkpoint)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state, control = TrainerState(global_step=3), TrainerControl()
+    callback = SafeLoraCallback(profile=profile, settings=PROJECT_ALL, stop_if_projected=1)
+
+    callback.on_train_begin(args, state, control, model=model)
+    callback.on_save(args, state, control, model=model)
+
+    [scored] = callback.scores
+    assert state.log_history == [{**scored.metrics, "step": 3}]
+    assert scored.metrics["safelora/would_project"] == 2  # q_proj of 2 layers
+    assert json.loads((checkpoint / REPORT).read_text()) == scored.report
+    assert control.should_training_stop  # 2 > 1

@@ -14,6 +14,7 @@ import pytest
 
 from safelora_cli.errors import ExitCode, FilesystemError
 from safelora_cli.output import writer
+from safelora_cli.output.staging import OLD_NAME
 from safelora_cli.output.writer import STAGE_PREFIX, OutputFolder, write_json
 from tests.conftest import Trio
 from tests.helpers import REPORT, WORK_PREFIX, Cli, expect_ok, leftovers, snapshot, start_patch
@@ -21,7 +22,7 @@ from tests.helpers import REPORT, WORK_PREFIX, Cli, expect_ok, leftovers, snapsh
 
 def test_working_folders_share_the_prefix_the_tests_look_for(tmp_path: Path) -> None:
     assert STAGE_PREFIX.startswith(WORK_PREFIX)
-    assert OutputFolder(tmp_path / "out").path.name.startswith(WORK_PREFIX)
+    assert OutputFolder(tmp_path / "out").path.parent.name.startswith(WORK_PREFIX)
 
 
 def test_target_appearing_during_the_run_is_refused_and_kept(tmp_path: Path) -> None:
@@ -77,7 +78,7 @@ def test_failed_force_swap_puts_the_user_files_back(
     real_rename = os.rename
 
     def fail_on_the_swap(src: str | Path, dst: str | Path) -> None:
-        if Path(dst).name.startswith(".safelora-old-"):
+        if Path(dst).name == OLD_NAME and Path(dst).parent.name.startswith(STAGE_PREFIX):
             raise OSError(5, "Input/output error", str(src))
         real_rename(src, dst)
 
@@ -110,7 +111,7 @@ def test_every_file_is_on_disk_before_the_output_is_published(
 
     def rename(src: str | Path, dst: str | Path) -> None:
         source = Path(src)
-        if source.name.startswith(STAGE_PREFIX) and Path(dst) == out:
+        if source.parent.name.startswith(STAGE_PREFIX) and Path(dst) == out:
             unsynced_at_publish.append(
                 [p.name for p in source.iterdir() if p.stat().st_ino not in synced]
             )

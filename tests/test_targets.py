@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from safelora_cli.errors import ExitCode, FilesystemError
-from safelora_cli.output.atomic import replace_file, stage_file, write_text
+from safelora_cli.output.atomic import stage_file, write_text
 from safelora_cli.output.target import check_target
 from safelora_cli.output.writer import OutputFolder
 from safelora_cli.synthetic import (
@@ -197,10 +197,10 @@ def test_a_fifo_appearing_during_the_run_is_left_and_nothing_published(tmp_path:
 
 def test_a_file_write_never_replaces_a_node_that_appeared(tmp_path: Path) -> None:
     page = tmp_path / "page.html"
-    staged = stage_file(page, lambda fh: fh.write(b"<html>"))
+    staged = stage_file(page, lambda fh: fh.write(b"<html>"), "--html")
     os.mkfifo(page)
     with pytest.raises(FilesystemError, match="--html .*FIFO"):
-        replace_file(staged, page, "--html")
+        staged.publish()
     assert stat.S_ISFIFO(os.lstat(page).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]  # the staged file went
     write_text(tmp_path / "ok.html", "fine", "--html")

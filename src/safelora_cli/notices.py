@@ -22,6 +22,8 @@ class Notice:
 
     ``values`` holds the raw values compared (for the report); ``adapter`` the adapter folder
     a notice is about, so that each report of a batch lists its own (None: the whole run).
+    ``logged``: a note that belongs in logs too (what the run did to the disk beside the output:
+    an interrupted run's staging removed), printed off a terminal and with --quiet.
     """
 
     code: str
@@ -29,6 +31,7 @@ class Notice:
     level: str = WARNING
     values: dict[str, Any] | None = field(default=None, compare=False)
     adapter: str | None = None
+    logged: bool = field(default=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -59,8 +62,9 @@ class Notices:
         level: str = WARNING,
         values: dict[str, Any] | None = None,
         adapter: str | None = None,
+        logged: bool = False,
     ) -> None:
-        notice = Notice(code, message, level, values, adapter or self.adapter)
+        notice = Notice(code, message, level, values, adapter or self.adapter, logged)
         if notice in self.items:  # the same file seen for each adapter of a batch
             return
         self.items.append(notice)

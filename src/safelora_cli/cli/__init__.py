@@ -1,8 +1,8 @@
 """The ``safelora`` command line: typer only; every command calls the library.
 
 One module per command: ``patch``, ``score``, ``inspect_cmd`` (not ``inspect``: the standard
-library's name), ``presets``, ``profile_cmd``, ``schema`` and ``show``. ``_app`` holds the
-application and the stderr console, ``_options`` the options the commands share (derived from
+library's name), ``presets``, ``profile_cmd``, ``schema``, ``show`` and ``clean``. ``_app`` holds
+the application and the stderr console, ``_options`` the options the commands share (derived from
 ``settings.OPTIONS``), ``_errors`` the one table from exceptions to stderr lines and exit codes,
 ``_ci`` what a finished run hands to CI (``--junit``, GitHub Actions' summary and annotations).
 stdout carries only the result (the output path, or the report with --json); progress, tables,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 
 from safelora_cli.cli import (  # noqa: F401  (importing a command's module registers it)
+    clean,
     inspect_cmd,
     patch,
     presets,

@@ -10,8 +10,9 @@ import typer
 from safelora_cli.cli._app import app, stderr
 from safelora_cli.cli._errors import errors_to_exit
 from safelora_cli.display.sink import json_text
-from safelora_cli.display.terminal import show_report, write_stdout
+from safelora_cli.display.terminal import notice_printer, show_report, write_stdout
 from safelora_cli.errors import UsageError
+from safelora_cli.notices import Notices
 
 EXAMPLES = """\b
 Examples:
@@ -65,7 +66,9 @@ def show_command(
             from safelora_cli.output.target import check_target
 
             check_target(html, "--html", force=force)
-            write_text(html, render_html(reports if len(reports) > 1 else reports[0]), "--html")
+            page = render_html(reports if len(reports) > 1 else reports[0])
+            notices = Notices(notice_printer(stderr, quiet=False))
+            write_text(html, page, "--html", "HTML page", notices)
         if as_json:
             write_stdout(json_text(reports if len(reports) > 1 else reports[0]))
         elif markdown:

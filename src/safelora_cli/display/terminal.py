@@ -69,10 +69,11 @@ def progress_bar(
 
 def notice_printer(console: Console, quiet: bool) -> NotifyFn:
     """A ``notify`` callback: a warning as one ``warning:`` line on stderr (also when quiet); a
-    note as a ``note:`` line, only for a person at a terminal (like the progress bar)."""
+    note as a ``note:`` line, only for a person at a terminal (like the progress bar), unless it
+    is ``logged`` (then always, like a warning)."""
 
     def show(notice: Notice) -> None:
-        if notice.level == NOTE and (quiet or not console.is_terminal):
+        if notice.level == NOTE and not notice.logged and (quiet or not console.is_terminal):
             return
         console.print(
             f"{notice.level}: {safe_text(notice.message)}",

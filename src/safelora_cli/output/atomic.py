@@ -1,6 +1,7 @@
-"""Atomic: the low-level pieces that make writing safe: files written beside their target and
-renamed into place, publishing serialized between runs, interrupts held back while a folder is
-being moved, and input files copied with their failures told apart from the output's.
+"""Atomic: the low-level pieces that make writing safe: files staged beside their target
+(``staging.Staging``, after reclaiming the dead staging there) and renamed into place, interrupts
+held back while a folder is being moved, outputs with the modes the umask gives, and input files
+copied with their failures told apart from the output's.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,14 +19,14 @@ from types import FrameType
 from typing import Any, BinaryIO
 
 from safelora_cli.errors import CorruptFileError
+from safelora_cli.notices import Notices
+from safelora_cli.output.reclaim import reclaim
+from safelora_cli.output.staging import Staging, publish_lock
 from safelora_cli.output.target import check_replaceable
 
+__all__ = ["StagedFile", "copy_input", "deferred_signals", "publish_lock", "save_safetensors",
+           "stage_file", "stage_json", "write_json", "write_safetensors", "write_text"]  # fmt: skip
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: publishing is then not serialized between runs
-    fcntl = None  # type: ignore[assignment]
 
 
 def copy_input(src: Path, dst: Path) -> None:
@@ -48,20 +47,6 @@ def copy_input(src: Path, dst: Path) -> None:
 
 
 @contextmanager
-def publish_lock(parent: Path) -> Iterator[None]:
-    """Serialize publishing between safelora runs writing into the same parent folder."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextmanager
 def deferred_signals() -> Iterator[list[int]]:
     """Hold SIGINT/SIGTERM back while the output is being moved into place (a few renames), so
     that an interrupt never leaves it half-swapped; yields the signals that arrived meanwhile."""
@@ -79,15 +64,6 @@ def deferred_signals() -> Iterator[list[int]]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def remove_tree(stage: Path) -> None:
-    """Remove the staging folder, even when a second Ctrl-C or SIGTERM lands during removal."""
-    try:
-        shutil.rmtree(stage, ignore_errors=True)
-    except KeyboardInterrupt:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
 
 
 def current_umask() -> int:
@@ -115,52 +91,108 @@ def folder_mode() -> int:
     return 0o777 & ~current_umask()
 
 
-def stage_file(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write a temporary file beside ``path`` with ``write`` (synced to disk, with the mode the
-    umask gives a new file, as any tool's output) and return it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+class StagedFile:
+    """A file written in its own staging folder beside ``path`` (``staging.Staging``: locked,
+    named after ``path``), then renamed over ``path`` by ``publish``; ``discard`` removes it.
+
+    Example:
+        >>> staged = StagedFile(Path("report.html"), "--html", "HTML page").create()
+        >>> staged.file.write_bytes(page)
+        >>> staged.publish()
+    """
+
+    def __init__(
+        self, path: Path, flag: str = "--output", what: str = "file", notices: Notices | None = None
+    ) -> None:
+        self.path = path
+        self.flag = flag
+        self.notices = notices
+        self._stage = Staging(path, what)
+        self.file = self._stage.staged
+
+    def create(self) -> StagedFile:
+        """Reclaim the dead staging beside ``path`` (``reclaim.reclaim``), then stage."""
+        reclaim(self._stage.parent, self.notices)
+        self._stage.create(folder=False)
+        return self
+
+    def check(self) -> None:
+        """Refuse to publish over a device, FIFO or socket (``target.check_replaceable``)."""
+        check_replaceable(self.path, self.flag)
+
+    def publish(self) -> None:
+        """Rename the file over ``path`` (never over a device, FIFO or socket), then remove the
+        staging folder; on any failure the staged file goes and ``path`` is untouched."""
+        try:
+            self.check()
+            os.replace(self.file, self.path)
+        finally:
+            self._stage.remove()
+
+    def discard(self) -> None:
+        self._stage.remove()
+
+
+def stage_file(
+    path: Path,
+    write: Callable[[BinaryIO], object],
+    flag: str = "--output",
+    what: str = "file",
+    notices: Notices | None = None,
+) -> StagedFile:
+    """Write a file staged beside ``path`` with ``write`` (synced to disk, with the mode the
+    umask gives a new file, as any tool's output); ``publish`` puts it in place."""
+    staged = StagedFile(path, flag, what, notices).create()
     try:
-        os.fchmod(fd, file_mode())  # mkstemp makes it 0600 whatever the umask
+        fd = os.open(staged.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        staged.discard()
         raise
-    return Path(tmp)
+    return staged
 
 
-def stage_json(path: Path, value: Any) -> Path:
+def stage_json(
+    path: Path,
+    value: Any,
+    flag: str = "--output",
+    what: str = "file",
+    notices: Notices | None = None,
+) -> StagedFile:
     def dump(fh: BinaryIO) -> None:
         text = io.TextIOWrapper(fh, encoding="utf-8", write_through=True)
         json.dump(value, text, indent=2, allow_nan=False)
         text.write("\n")
         text.detach()
 
-    return stage_file(path, dump)
+    return stage_file(path, dump, flag, what, notices)
 
 
-def replace_file(tmp: Path, path: Path, flag: str = "--output") -> None:
-    """Rename the staged ``tmp`` over ``path``, unless a device, FIFO or socket appeared there
-    during the run (``target.check_replaceable``); ``tmp`` is removed on any failure."""
-    try:
-        check_replaceable(path, flag)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_text(
+    path: Path,
+    text: str,
+    flag: str = "--output",
+    what: str = "file",
+    notices: Notices | None = None,
+) -> None:
+    """Write a text file atomically: staged beside ``path``, then renamed over it; ``flag``
+    names the option that gave ``path`` in errors, ``what`` what it is (the staging's owner
+    file says so); dead staging beside ``path`` is reclaimed first, with notes to ``notices``."""
+    stage_file(path, lambda fh: fh.write(text.encode("utf-8")), flag, what, notices).publish()
 
 
-def write_text(path: Path, text: str, flag: str = "--output") -> None:
-    """Write a text file atomically: to a temporary file beside ``path``, then renamed over it;
-    ``flag`` names the option that gave ``path`` in errors."""
-    replace_file(stage_file(path, lambda fh: fh.write(text.encode("utf-8"))), path, flag)
-
-
-def write_json(path: Path, value: Any, flag: str = "--output") -> None:
+def write_json(
+    path: Path,
+    value: Any,
+    flag: str = "--output",
+    what: str = "file",
+    notices: Notices | None = None,
+) -> None:
     """Write JSON atomically, as ``write_text``."""
-    replace_file(stage_json(path, value), path, flag)
+    stage_json(path, value, flag, what, notices).publish()
 
 
 def save_safetensors(
@@ -190,24 +222,26 @@ def write_safetensors(
     tensors: Mapping[str, Any],
     metadata: dict[str, str] | None,
     flag: str = "--output",
+    what: str = "file",
+    notices: Notices | None = None,
 ) -> None:
-    """Write a safetensors file atomically (``save_safetensors`` into a temporary file beside
-    ``path``, synced, renamed over it): it appears complete under its name or not at all.
+    """Write a safetensors file atomically (``save_safetensors`` into a ``StagedFile``, synced,
+    renamed over ``path``): it appears complete under its name or not at all.
 
     Raises:
         OSError: writing failed (disk full included); nothing is left behind.
         FilesystemError: a device, FIFO or socket appeared at ``path`` (left as it is).
     """
-    parent = path.resolve().parent
-    tmp = stage_file(path, lambda fh: None)
+    staged = stage_file(path, lambda fh: None, flag, what, notices)
     try:
-        save_safetensors(save, tmp, tensors, metadata)
-        with open(tmp, "rb") as fh:
+        save_safetensors(save, staged.file, tensors, metadata)
+        with open(staged.file, "rb") as fh:
             os.fsync(fh.fileno())
-        replace_file(tmp, path, flag)
-        fsync_folder(parent)
-    finally:  # on success tmp was renamed away; on any failure (Ctrl-C included) it goes
-        tmp.unlink(missing_ok=True)
+    except BaseException:
+        staged.discard()
+        raise
+    staged.publish()
+    fsync_folder(path.resolve().parent)
 
 
 def fsync_folder(folder: Path) -> None:

@@ -7,15 +7,16 @@ folder is removed and the target is untouched. Publishing is atomic against othe
 (non-empty) during the run; with ``--force`` the old folder is swapped out in one step under a lock,
 so the target never holds a mix of two runs' files (files safelora did not write are carried over).
 Which input files travel into an output is ``sidecars.py``'s policy; the low-level pieces (atomic
-files, the publish lock, held-back interrupts) are ``atomic.py``'s.
+files, the publish lock, held-back interrupts) are ``atomic.py``'s; the staging folder (locked, so
+that an interrupted run's is told from a live one's) is ``staging.py``'s, and reclaiming what
+killed runs left ``reclaim.py``'s.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
-import secrets
-import shutil
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -38,23 +39,23 @@ from safelora_cli.inputs.loader import TensorReader
 from safelora_cli.inputs.smallfiles import load_json
 from safelora_cli.notices import Notices
 from safelora_cli.output.atomic import (
+    StagedFile,
     copy_input,
     deferred_signals,
     publish_lock,
-    remove_tree,
     save_safetensors,
     stage_json,
     write_json,
     write_text,
 )
+from safelora_cli.output.reclaim import reclaim
 from safelora_cli.output.report import REPORT_NAME
 from safelora_cli.output.sidecars import plan_sidecars
+from safelora_cli.output.staging import PUBLISHING, STAGE_PREFIX, Staging
 from safelora_cli.output.target import check_replaceable, check_target, resolve_named
 
-__all__ = ["OutputFolder", "cast_checked", "check_output", "check_report_path", "output_error",
-           "write_adapter", "write_json", "write_text"]  # fmt: skip
-STAGE_PREFIX = ".safelora-tmp-"
-_OLD_PREFIX = ".safelora-old-"
+__all__ = ["STAGE_PREFIX", "OutputFolder", "cast_checked", "check_output", "check_report_path",
+           "output_error", "write_adapter", "write_json", "write_text"]  # fmt: skip
 
 
 def check_output(target: Path, inputs: list[Path], force: bool) -> None:
@@ -96,13 +97,16 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         ...     out.write_report(report)
     """
 
-    def __init__(self, target: Path, *, force: bool = False) -> None:
+    def __init__(
+        self, target: Path, *, force: bool = False, notices: Notices | None = None
+    ) -> None:
         self.target = target
         self.force = force
-        self.parent = target.resolve().parent
-        # named before it exists: an interrupt landing just after mkdir still knows what to remove
-        self.path = self.parent / f"{STAGE_PREFIX}{target.name}-{secrets.token_hex(8)}"
-        self._attached: list[tuple[Path, Path]] = []  # (staged file, where it goes)
+        self.notices = notices  # where reclaiming dead staging says what it removed
+        self._stage = Staging(target, "output folder")
+        self.parent = self._stage.parent
+        self.path = self._stage.staged  # .safelora-tmp-<name>-<random>/new
+        self._attached: list[StagedFile] = []  # files outside the folder (--report)
 
     def __enter__(self) -> OutputFolder:
         self.open()
@@ -122,20 +126,19 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
             raise output_error(self.target, exc) from exc
 
     def open(self) -> None:
-        """Create the staging folder."""
+        """Reclaim the staging interrupted runs left beside the target, then create this run's
+        staging folder (``staging.Staging``)."""
+        reclaim(self.parent, self.notices)
         try:
-            self.path.mkdir()  # the umask decides the published folder's mode
+            self._stage.create(folder=True)
         except OSError as exc:  # FileExistsError included: never remove a folder that is not ours
             raise output_error(self.target, exc) from exc
-        except BaseException:
-            remove_tree(self.path)
-            raise
 
     def discard(self) -> None:
         """Remove everything staged; the target and the attached files' paths are untouched."""
-        remove_tree(self.path)
-        for staged, _ in self._attached:
-            staged.unlink(missing_ok=True)
+        self._stage.remove()
+        for staged in self._attached:
+            staged.discard()
 
     def publish(self) -> None:
         """Move the staged folder (and the attached files) into place; discard it on failure."""
@@ -149,7 +152,7 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
     def attach_json(self, path: Path, value: Any) -> None:
         """Stage a JSON file that lives outside the folder (``--report``): it is published with
         the folder, just after it, and never without it."""
-        self._attached.append((stage_json(path, value), path))
+        self._attached.append(stage_json(path, value, "--report", "report", self.notices))
 
     def save_tensors(
         self, name: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None
@@ -181,7 +184,9 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
     def write_report(self, report: dict[str, Any]) -> None:
         """Write the report last, listing every file of the output (``files``)."""
         report["files"] = sorted({p.name for p in self.path.iterdir()} | {REPORT_NAME})
-        write_json(self.path / REPORT_NAME, report)
+        with (self.path / REPORT_NAME).open("w", encoding="utf-8") as fh:  # staged already
+            json.dump(report, fh, indent=2, allow_nan=False)
+            fh.write("\n")
 
     def _publish(self) -> None:
         for path in self.path.iterdir():
@@ -189,14 +194,15 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
                 os.fsync(fh.fileno())
         with publish_lock(self.parent), deferred_signals() as caught:
             check_replaceable(self.target, "--output")
-            for _, path in self._attached:  # never the folder without its report
-                check_replaceable(path, "--report")
+            for staged in self._attached:  # never the folder without its report
+                staged.check()
+            self._stage.mark(PUBLISHING)  # killed from here on: reclaim leaves it to the user
             if self.force and _has_entries(self.target):
                 self._swap()
             else:
                 self._rename()
-            for staged, path in self._attached:
-                os.replace(staged, path)
+            for staged in self._attached:
+                staged.publish()
         if caught:
             raise Interrupted(
                 f"interrupted just after {self.target} was written; it is complete",
@@ -219,7 +225,7 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         """Carry over the files of the old folder that safelora did not write, then swap."""
         ours = set(_previous_files(self.target)) | {p.name for p in self.path.iterdir()}
         carried = [entry.name for entry in self.target.iterdir() if entry.name not in ours]
-        old = self.parent / f"{_OLD_PREFIX}{self.target.name}-{secrets.token_hex(8)}"
+        old = self._stage.old  # inside the staging folder: removed with it
         moved: list[str] = []
         try:
             for name in carried:
@@ -237,7 +243,6 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
             for name in moved:
                 os.rename(self.path / name, self.target / name)
             raise
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _has_entries(folder: Path) -> bool:

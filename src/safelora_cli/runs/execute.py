@@ -52,7 +52,7 @@ def patch_one(
         check_report_path(report_file, run.local_inputs(), output, force)
     [scored] = score(run, device, progress)
     found = report(run, scored, device, output)
-    with OutputFolder(output, force=force) as out:
+    with OutputFolder(output, force=force, notices=run.notices) as out:
         stage(run, scored, out, found, report_file, command, device)
     return found
 
@@ -115,7 +115,7 @@ def _stage_batch(
 ) -> list[tuple[dict[str, Any], Path]]:
     """Stage every output, then publish them all (none if one cannot be staged)."""
     output_dir.mkdir(exist_ok=True)
-    folders = [OutputFolder(output, force=force) for output in outputs]
+    folders = [OutputFolder(output, force=force, notices=run.notices) for output in outputs]
     results = []
     try:
         for one, folder in zip(scored, folders, strict=True):

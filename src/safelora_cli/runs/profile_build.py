@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from safelora_cli.errors import NumericalError
 from safelora_cli.math.lowrank import AUTO, LowRank, RankRule, decompose
+from safelora_cli.notices import Notices
 from safelora_cli.output.atomic import write_safetensors
 from safelora_cli.output.target import check_target
 from safelora_cli.output.writer import output_error
@@ -111,6 +112,7 @@ def write_profile(
     transposed: Collection[str] = (),
     tied: Mapping[str, str] | None = None,
     force: bool = False,
+    notices: Notices | None = None,
 ) -> int:
     """Write the profile atomically: a temporary file beside ``path``, fsync'd, renamed over it.
 
@@ -120,6 +122,7 @@ def write_profile(
         transposed: weights whose stored tensor is (in, out) (Conv1D), given transposed.
         tied: {"lm_head.weight": embedding} when the model pair ties its head (written only
             then: a profile of an untied pair is as before).
+        notices: where reclaiming an interrupted run's staging beside ``path`` says so.
     Returns:
         The file's size in bytes.
     Raises:
@@ -145,7 +148,7 @@ def write_profile(
         "schema_version": str(SCHEMA_VERSION),
         "profile": json.dumps(body, allow_nan=False, sort_keys=True),
     }
-    _atomic_save(path, tensors, metadata)
+    _atomic_save(path, tensors, metadata, notices)
     return path.stat().st_size
 
 
@@ -166,8 +169,10 @@ def _weight_metadata(
     }
 
 
-def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _atomic_save(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], notices: Notices | None
+) -> None:
     try:
-        write_safetensors(save_file, path, tensors, metadata)
+        write_safetensors(save_file, path, tensors, metadata, "--output", "profile", notices)
     except OSError as exc:
         raise output_error(path, exc) from exc

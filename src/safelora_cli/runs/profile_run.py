@@ -107,7 +107,8 @@ def make_profile(
     inputs = {"base": base_input.describe(), "aligned": aligned_input.describe()}
     transposed = {pair.name for pair in pairs if pair.transpose}
     tied = {HEAD: head} if head is not None else None
-    write_profile(output, entries, inputs, rule, transposed=transposed, tied=tied, force=force)
+    write_profile(output, entries, inputs, rule, transposed=transposed, tied=tied, force=force,
+                  notices=notices)  # fmt: skip
     summary = describe(read_profile(output))
     summary["warnings"] = notices.as_list()
     return summary

@@ -10,6 +10,7 @@ clean`` lists and removes it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import pytest
 
 from safelora_cli.errors import ExitCode
 from safelora_cli.notices import Notices
+from safelora_cli.output import staging
 from safelora_cli.output.reclaim import (
     DEAD,
     INTERRUPTED_PUBLISH,
@@ -35,7 +37,14 @@ from safelora_cli.output.reclaim import (
     human_size,
     survey,
 )
-from safelora_cli.output.staging import OWNER_NAME, STAGE_PREFIX, Owner, Staging
+from safelora_cli.output.staging import (
+    OWNER_NAME,
+    STAGE_PREFIX,
+    Owner,
+    Staging,
+    this_boot,
+    this_host,
+)
 from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapter, make_pair
 from tests.helpers import invoke, leftovers
 
@@ -340,3 +349,39 @@ def test_a_staging_folder_being_removed_is_never_taken_for_unknown(tmp_path: Pat
     assert stage.path.is_dir()
     stage.remove()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_another_container_of_this_machine_and_a_reboot_are_told_dead(tmp_path: Path) -> None:
+    """Containers of one machine share its kernel (boot id): their locks are this kernel's, so a
+    free lock is a dead run whatever the container's host name; after a reboot, every run of this
+    host is dead."""
+    now = time.time()
+    container = _fake_staging(
+        tmp_path, "a", Owner("container-7f3a", 1, now, "output folder", "a", boot=this_boot())
+    )
+    rebooted = _fake_staging(
+        tmp_path, "b", Owner(this_host(), 1, now, "output folder", "b", boot="an-earlier-boot")
+    )
+    found = survey(tmp_path, remove=True)
+    assert [(f.path, f.state, f.removable) for f in found] == [
+        (container, DEAD, True),
+        (rebooted, DEAD, True),
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_system_without_locks_still_writes_and_tells_nothing(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(staging.fcntl, "flock", no_locks)
+    dead = _fake_staging(tmp_path, "x", Owner(this_host(), 1, time.time(), "report", "x"))
+    result = invoke(_merge_args(models, tmp_path / "merged", "-q"))
+    assert result.exit_code == ExitCode.OK, result.stderr
+    [note] = _notes(result.stderr)
+    assert f"left {dead} (" in note
+    assert "cannot be told" in note
+    assert dead.is_dir()
+    assert (tmp_path / "merged" / "config.json").is_file()

@@ -6,10 +6,10 @@ Only safelora's staging folders (``staging.STAGE_PREFIX``) are looked at, never 
 each is, by its owner file (``staging.Owner``):
 
 - ``live``: its run holds the lock; left alone;
-- ``dead``: on this host, nobody holds the lock; removed;
-- ``other-host``: made on another host (a shared file system, where the lock may not reach);
-  ``unknown``: no readable owner file (an older safelora, a foreign tool's look-alike); both left
-  alone with a note, unless older than ``STALE_AFTER_DAYS``;
+- ``dead``: made on this machine (``Owner.same_machine``), nobody holds the lock; removed;
+- ``other-host``: made on another machine (a shared file system, where the lock may not reach);
+  ``unknown``: no readable owner file (an older safelora, a foreign tool's look-alike), or a file
+  system without locks; both left alone with a note, unless older than ``STALE_AFTER_DAYS``;
 - ``publishing``: dead in the middle of the renames that publish a ``--force`` output: it may hold
   the previous output or the user's files; always left alone, with a note saying where.
 """
@@ -34,7 +34,6 @@ from safelora_cli.output.staging import (
     STAGED_NAME,
     Owner,
     publish_lock,
-    this_host,
     try_lock,
 )
 
@@ -136,10 +135,13 @@ def _classify(path: Path, stack: ExitStack, now: float) -> Found | None:
             owner = Owner.parse(os.pread(fd, 64 << 10, 0))
         if owner is not None:
             age = max(0.0, now - owner.started)
-            if not try_lock(fd):
+            locked = try_lock(fd)
+            if locked is False:
                 state = LIVE
-            elif owner.host != this_host():
+            elif not owner.same_machine():
                 state = OTHER_HOST
+            elif locked is None:
+                state = UNKNOWN  # a file system without locks
             elif owner.state == PUBLISHING and (path / STAGED_NAME).exists():
                 state = INTERRUPTED_PUBLISH
             else:

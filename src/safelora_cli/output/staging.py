@@ -4,10 +4,11 @@ and whether that run is still alive.
 A staging folder is ``.safelora-tmp-<target name>-<random>`` (the target's name says what it is:
 ``.safelora-tmp-merged-3f9c…`` for ``-o out/merged``). It holds:
 
-- ``.safelora-owner``: JSON (host, pid, start time, what is staged, target, state), locked with
-  ``flock`` for the run's lifetime. The kernel drops the lock when the run ends however it ends
-  (SIGKILL, the OOM killer): a lock that can be taken means the run is dead; host and pid are
-  for the messages, and tell a run of another host (a shared file system) from one of this host.
+- ``.safelora-owner``: JSON (host, pid, start time, what is staged, target, state, the kernel's
+  boot id), locked with ``flock`` for the run's lifetime. The kernel drops the lock when the run
+  ends however it ends (SIGKILL, the OOM killer): a lock that can be taken means the run is dead.
+  Host and boot id tell a run of this machine (any of its containers) from another machine's on a
+  shared file system, whose lock may not reach here; host and pid are for the messages.
 - ``new``: what is published (the output folder, or a file: ``--report``, ``--html``, a
   profile), renamed onto the target at the end;
 - ``old``, while ``--force`` swaps a folder: the previous output, removed just after.
@@ -19,6 +20,7 @@ a live run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -45,34 +47,57 @@ PUBLISHING = "publishing"
 _MAX_OWNER_BYTES = 64 << 10
 
 
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+"""What ``flock`` answers on a file system that keeps no locks (some network ones)."""
+
+
 @contextmanager
 def publish_lock(parent: Path) -> Iterator[None]:
     """Serialize publishing (and creating, and reclaiming staging) between safelora runs writing
-    into the same parent folder."""
+    into the same parent folder (not at all on a file system without locks)."""
     if fcntl is None:  # pragma: no cover
         yield
         return
     fd = os.open(parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
         yield
     finally:
         os.close(fd)
 
 
-def try_lock(fd: int) -> bool:
-    """Take the exclusive lock on ``fd`` without waiting; False when a live run holds it."""
+def try_lock(fd: int) -> bool | None:
+    """Take the exclusive lock on ``fd`` without waiting: True; False when a live run holds it;
+    None where the file system keeps no locks (the state cannot be told)."""
     if fcntl is None:  # pragma: no cover
-        return True
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as exc:
+        if exc.errno in _NO_LOCKS:
+            return None
+        raise
     return True
 
 
 def this_host() -> str:
     return socket.gethostname()
+
+
+def this_boot() -> str:
+    """This kernel's boot id: the same for every container of one machine, new at each boot
+    ("" where Linux does not tell it)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read(64).strip()
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,13 @@ class Owner:
     what: str  # "output folder", "report", "HTML page", "profile"
     target: str  # the target's name
     state: str = STAGING  # or PUBLISHING: the renames that publish it have begun
+    boot: str = ""  # the kernel's boot id (``this_boot``)
+
+    def same_machine(self) -> bool:
+        """Made under this kernel (any container of this machine, since its last boot), or on
+        a host of this name: there, a lock that can be taken is a dead run's (a reboot ends
+        every run)."""
+        return (bool(self.boot) and self.boot == this_boot()) or self.host == this_host()
 
     @staticmethod
     def parse(data: bytes) -> Owner | None:
@@ -94,6 +126,7 @@ class Owner:
             owner = Owner(
                 str(value["host"]), int(value["pid"]), float(value["started"]),
                 str(value["what"]), str(value["target"]), str(value["state"]),
+                str(value.get("boot", "")),
             )  # fmt: skip
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return None
@@ -124,7 +157,9 @@ class Staging:
         self.old = self.path / OLD_NAME
         self._fd: int | None = None
         self._made = False
-        self._owner = Owner(this_host(), os.getpid(), time.time(), what, target.name)
+        self._owner = Owner(
+            this_host(), os.getpid(), time.time(), what, target.name, STAGING, this_boot()
+        )
 
     def create(self, folder: bool) -> None:
         """Make the staging folder, its locked owner file and (``folder``) the folder staged.
@@ -138,7 +173,7 @@ class Staging:
             try:
                 fd = os.open(self.path / OWNER_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 self._fd = fd
-                try_lock(fd)  # a new file: nobody else can hold it
+                try_lock(fd)  # a new file: nobody else can hold it (None: no locks here)
                 os.write(fd, self._owner.encode())
                 if folder:
                     self.staged.mkdir()  # the umask decides the published folder's mode

@@ -120,7 +120,8 @@ def _classify(path: Path, stack: ExitStack, now: float) -> Found | None:
     and kept by ``stack`` (nobody else then removes it, or takes it for live)."""
     try:
         age = max(0.0, now - os.lstat(path).st_mtime)
-        empty = not any(os.scandir(path))
+        with os.scandir(path) as entries:
+            empty = next(entries, None) is None
     except OSError:
         return None
     owner: Owner | None = None

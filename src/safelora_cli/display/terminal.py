@@ -313,7 +313,8 @@ def profile_table(console: Console, summary: dict[str, Any]) -> None:
             f"{count(totals['weights'])} weights: {count(totals['lowrank'])} low-rank (max rank "
             f"{count(totals['max_rank'])}), {count(totals['whole'])} stored whole, "
             f"{count(totals['zero'])} with V = 0; {_megabytes(totals['file_bytes'], '.1f')} MB; "
-            f"largest relative error {number(totals['max_relative_error'], '.3g')}"
+            f"largest relative error {number(totals['max_relative_error'], '.3g')}; "
+            f"{_certainty(totals.get('failure_probability', 0.0))}",
         ),
     )
     table.add_column("weight", no_wrap=True)
@@ -337,3 +338,11 @@ def profile_table(console: Console, summary: dict[str, Any]) -> None:
 def _megabytes(value: Any, spec: str) -> str:
     in_range = isinstance(value, int) and abs(value) < 10**18
     return number(value / 1e6 if in_range else value, spec)
+
+
+def _certainty(failure: object) -> str:
+    """How sure the profile's bounds are: proven, or true but with this probability."""
+    if failure == 0.0:
+        return "every bound proven"
+    chance = number(failure, ".1e")
+    return f"every bound holds but with probability ≤ {chance} (randomized certificate)"

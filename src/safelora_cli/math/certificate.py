@@ -32,6 +32,11 @@ and M̂ Y has sin φ ≤ δ, and |cos θ − cos θ'| = 2 |sin((θ+θ')/2) sin((
 
     |cosine − exact cosine| ≤ sqrt(2 − 2 sqrt(1 − δ²))  (≈ δ; 2 when δ ≥ 1).
 
+Without the spectrum (``certify_probed``, the randomized route): (ii) needs λ, so t̄ is instead
+the least of (i) and the probed bound on ‖Q V‖²_2 (``math.probe``: a randomized block Krylov
+space of Q V with Kuczyński–Woźniakowski's bound), which holds except with probability at most
+1e-12 per weight, stated in the profile. f, c and (i) are measured as above.
+
 Rounding: λ, ρ, c, f and the residual are float64 results from float32 data. Their errors are
 within η = 8 (out + in) 2⁻⁵³ ν² (worst-case summation error of the Gram matrix, about
 out·2⁻⁵³·ν², plus the eigensolver's backward error, about min(out, in)·2⁻⁵³·λ_1), which is added
@@ -45,6 +50,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from safelora_cli.math.probe import probe_seed, tail_bound
 
 BLOCK_ELEMENTS = 1 << 21  # float64 elements per row/column block (16 MiB)
 _UNIT64 = 2.0**-53
@@ -147,3 +154,64 @@ def certify(
 def _sym_norm(m: torch.Tensor) -> float:
     """Spectral norm of a small symmetric matrix."""
     return float(torch.linalg.eigvalsh(m).abs().max())
+
+
+@dataclass(frozen=True)
+class Probed:
+    """``certify_probed``'s result: the certificate, the probability that its tail is not a
+    bound, and ``floor`` ≤ λ_{k+1}: min(ρ_k, θ) − c − η, since span(Z, w) with w ⊥ Z the probe's
+    top direction (Rayleigh quotient ≥ θ) compresses M to a matrix whose least eigenvalue is at
+    least that (Courant–Fischer). Every bound with exact vectors is ≥ λ_{k+1} ≥ floor, so
+    operator_bound / floor says how much looser this certificate can be than the exact one."""
+
+    certificate: Certificate
+    failure: float
+    floor: float
+
+
+def certify_probed(
+    v: torch.Tensor, u: torch.Tensor, s: torch.Tensor, eta: float, salt: float
+) -> Probed:
+    """``certify`` without V's spectrum: f, c and ‖Q V‖²_F as there, in one pass over column
+    blocks of V, and t̄ from ``probe.tail_bound`` on the residual Q V (stored in float32, which
+    moves ‖Q V‖_2 by at most 2⁻²⁴ ‖Q V‖_F). sigma_max is √ρ_1 (≤ σ_1, so the relative error is
+    not understated); sigma_next is √θ, the probe's estimate of ‖Q V‖_2 (no bound uses it).
+
+    Returns:
+        ``Probed``: the certificate, P(t̄ is not a bound) (``probe``), a lower bound on λ_{k+1}.
+    """
+    out, inp = v.shape
+    k = u.shape[1]
+    z, r = torch.linalg.qr(u.double())
+    x = torch.empty(k, inp, dtype=torch.float64, device=v.device)
+    residual = torch.empty(out, inp, dtype=torch.float32, device=v.device)
+    cross = torch.zeros(k, out, dtype=torch.float64, device=v.device)
+    tail_energy = 0.0
+    cols = max(1, BLOCK_ELEMENTS // max(1, out))
+    for start in range(0, inp, cols):
+        block = v[:, start : start + cols].double()
+        xb = z.T @ block
+        block -= z @ xb  # the residual Q V, these columns
+        x[:, start : start + cols] = xb
+        tail_energy += float(torch.linalg.vector_norm(block)) ** 2
+        cross.addmm_(xb, block.T)
+        residual[:, start : start + cols] = block
+    f = _sym_norm(x @ x.T - (r * s.double() ** 2) @ r.T) + eta
+    c = math.sqrt(max(_sym_norm(cross @ cross.T), 0.0)) + eta
+    tail_energy += eta
+    rho = torch.linalg.eigvalsh(x @ x.T)
+    frobenius = math.sqrt(tail_energy) * (1.0 + 2.0**-20)
+    found = tail_bound(residual, frobenius, probe_seed(residual, salt))
+    stored = 2.0**-24 * frobenius  # ‖R − fl32(R)‖_2 ≤ 2⁻²⁴ ‖R‖_F
+    tail = (math.sqrt(found.bound) + stored) ** 2 + eta
+    certificate = Certificate(
+        math.sqrt(max(float(rho[-1]), 0.0)),
+        math.sqrt(found.ritz),
+        tail_energy,
+        c,
+        f,
+        min(tail_energy, tail),
+    )
+    top = found.ritz - found.allowance - 2.0 * stored * math.sqrt(found.bound) - eta
+    floor = min(float(rho[0]) - eta, top) - c - eta
+    return Probed(certificate, found.failure if tail < tail_energy else 0.0, floor)

@@ -88,7 +88,7 @@ def _to_cpu(entry: LowRank) -> LowRank:
 
     return LowRank(
         entry.shape, entry.v_norm, entry.kind, entry.certificate,
-        cpu(entry.u), cpu(entry.s), cpu(entry.v), entry.method,
+        cpu(entry.u), cpu(entry.s), cpu(entry.v), entry.method, entry.failure,
     )  # fmt: skip
 
 
@@ -165,6 +165,7 @@ def _weight_metadata(
         "transposed": transposed,
         **{key: getattr(cert, key) for key in CERTIFICATE_FIELDS},
         "captured_energy": entry.captured_energy,
+        "failure_probability": entry.failure,
         "sha256": {suffix: tensor_sha256(t) for suffix, t in stored.items()},
     }
 

@@ -75,11 +75,13 @@ class WeightInfo:
     certificate: Certificate
     captured_energy: float
     sha256: dict[str, str]
+    failure_probability: float = 0.0  # P(the certificate is not a bound); absent before 0.x: 0
 
     def entry(self, **tensors: torch.Tensor | None) -> LowRank:
         return LowRank(
-            self.shape, self.v_norm, self.kind, self.certificate, method=self.method, **tensors
-        )
+            self.shape, self.v_norm, self.kind, self.certificate, method=self.method,
+            failure=self.failure_probability, **tensors,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -236,7 +238,18 @@ def _weight(path: Path, name: str, raw: Any) -> WeightInfo:
         certificate=certificate,
         captured_energy=captured,
         sha256=sha,
+        failure_probability=_probability(raw, where),
     )
+
+
+def _probability(raw: dict[str, Any], where: str) -> float:
+    """The optional ``failure_probability`` (profiles written before it are exact: 0)."""
+    if "failure_probability" not in raw:
+        return 0.0
+    value = _number(raw, "failure_probability", where)
+    if value > 1.0:
+        raise CorruptFileError(f"{where}: 'failure_probability' {value} is above 1")
+    return value
 
 
 def _expected_shapes(info: WeightInfo) -> dict[str, tuple[int, ...]]:

@@ -24,6 +24,7 @@ def describe(profile: ProfileInfo) -> dict[str, Any]:
             "captured_energy": info.captured_energy,
             "relative_error": info.certificate.relative_error,
             "error_bound": info.certificate.operator_bound / info.v_norm if info.v_norm else 0.0,
+            "failure_probability": info.failure_probability,
             "bytes": profile.tensor_bytes(info.name),
         }
         for info in infos
@@ -34,6 +35,7 @@ def describe(profile: ProfileInfo) -> dict[str, Any]:
         **{kind: kinds.count(kind) for kind in SUFFIXES},
         "max_rank": max((i.rank for i in infos if i.kind == LOWRANK), default=0),
         "max_relative_error": max((i.certificate.relative_error for i in infos), default=0.0),
+        "failure_probability": failure_probability(profile),
         "tensor_bytes": sum(profile.tensor_bytes(i.name) for i in infos),
         "file_bytes": profile.header.size,
     }
@@ -64,8 +66,15 @@ def provenance(profile: ProfileInfo) -> dict[str, Any]:
         "schema_version": profile.schema_version,
         "tool": profile.tool,
         "rank_rule": rule_json(profile.rule),
+        "failure_probability": failure_probability(profile),
         "pair": profile.inputs,
     }
+
+
+def failure_probability(profile: ProfileInfo) -> float:
+    """The probability that any of the profile's certificates is not a bound: at most the sum
+    of the weights' (0 when every one is exact; ``math.probe``)."""
+    return min(1.0, sum(info.failure_probability for info in profile.weights.values()))
 
 
 def rule_json(rule: RankRule) -> dict[str, Any]:

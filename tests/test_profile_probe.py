@@ -114,9 +114,9 @@ def test_the_failure_probability_is_within_the_stated(n: int) -> None:
 
 
 def test_the_failure_probability_is_kuczynski_wozniakowski_to_the_block() -> None:
-    """(1.648 √n e^(−√ε (2q − 3)))^b, capped at 1 per column."""
-    n, q = 2048, 12
-    one = 1.648 * math.sqrt(n) * math.exp(-math.sqrt(probe.EPSILON) * (2 * q - 3))
+    """(1.648 √n e^(−√ε (2q − 1)))^b, capped at 1 per column."""
+    n, q = 2048, 10
+    one = 1.648 * math.sqrt(n) * math.exp(-math.sqrt(probe.EPSILON) * (2 * q - 1))
     assert probe.failure_probability(n, q) == pytest.approx(one**probe.BLOCK, rel=1e-12)
     assert probe.failure_probability(n, 2) == 1.0
 

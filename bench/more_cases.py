@@ -3,8 +3,9 @@ the profile's accuracy check (how far the profile's paper-mode cosines are from 
 
 Profile targets: building the 22-layer pair's profile within 2x (issue 9) and 5x (issue 21) a
 paper-mode patch, the rank-32 file within 5% of the pair, a patch through the profile within 0.5 s
-of the interpreter's start (the ``import`` case). Merge target: ``patch --merge`` of the 22-layer adapter within 1.5x of
-copying the aligned model (read it, write it, fsync it: what a merge cannot avoid).
+of the interpreter's start (the ``import`` case). Merge target: ``patch --merge`` of the 22-layer
+adapter within 1.5x of copying the aligned model (read it, write it, fsync it: what a merge cannot
+avoid).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ FLOAT32_FLOOR = 1e-6  # c and f of a float32 Û are about 1e-8 σ_1² (exact vec
 # AUTO: randomized when k <= min(out, in) / RANDOMIZED_MAX_SHARE (bench/profile_lowrank.py)
 RANDOMIZED_MAX_SHARE = 32
 POWER_ITERATIONS = 6  # torch.svd_lowrank's niter for the randomized Û, when 2 were too few
-SKETCH_ITERATIONS = 2  # the first try (6 passes over V instead of 14)
+SKETCH_ITERATIONS = 1  # the first try (4 passes over V instead of 14)
 # Under --tolerance the sketch has SKETCH_WIDTHS[0] columns, then the next while
 # RANDOMIZED_MAX_SHARE x width <= 2 min(out, in); k aims at PROBE_MARGIN (1 − ε) of the budget.
 SKETCH_WIDTHS = (16, 64)

@@ -44,7 +44,7 @@ Q0 = "model.layers.0.self_attn.q_proj"
 K0 = "model.layers.0.self_attn.k_proj"
 V1 = "model.layers.1.self_attn.v_proj"
 DOWN1 = "model.layers.1.mlp.down_proj"
-WORK_PREFIX = ".safelora-"  # writer.STAGE_PREFIX and the prefix of a swapped-out old output
+WORK_PREFIX = ".safelora-"  # staging.STAGE_PREFIX (a --force swap keeps the old output inside)
 PROJECT_ALL = ("--select", "threshold", "--threshold", "1", "--quiet")
 LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$"
@@ -85,8 +85,8 @@ def assert_error(result: Result, code: ExitCode, *phrases: str) -> str:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """safelora's working folders left in ``folder``: staging (``.safelora-tmp-*``) or an old
-    output swapped out by ``--force`` (``.safelora-old-*``)."""
+    """safelora's working entries left in ``folder``: any ``.safelora-*`` name (staging folders,
+    ``.safelora-tmp-*``, hold the old output too while ``--force`` swaps it)."""
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(WORK_PREFIX))

@@ -18,7 +18,13 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from typer.testing import Result
 
-from safelora_cli.output.card import MAX_CARD_BYTES, MAX_FRONT_MATTER, build_card, read_card
+from safelora_cli.output.card import (
+    MAX_CARD_BYTES,
+    MAX_EXPANDED,
+    MAX_FRONT_MATTER,
+    build_card,
+    read_card,
+)
 from tests.conftest import Trio
 from tests.reports import make_report, model_input
 
@@ -67,8 +73,10 @@ def test_front_matter_has_the_hub_keys_and_keeps_the_input_metadata() -> None:
     data = front_matter(card.text)
     assert data["base_model"] == "meta-llama/Llama-2-7b-chat-hf"  # the aligned model
     assert data["library_name"] == "peft"
-    assert data["tags"] == ["base_model:adapter:/tmp/train/Llama-2-7b-chat-hf", "lora",
+    # PEFT's adapter tag follows base_model: the trainer's local path is gone
+    assert data["tags"] == ["base_model:adapter:meta-llama/Llama-2-7b-chat-hf", "lora",
                             "transformers", "safelora"]  # fmt: skip
+    assert "/tmp/" not in card.text
     original = front_matter(PEFT_CARD)
     assert data["model-index"] == original["model-index"]  # unknown fields and all
     assert list(data)[:4] == ["base_model", "library_name", "license", "tags"]  # order kept
@@ -109,7 +117,9 @@ def test_what_was_done_names_method_settings_modules_command_and_versions() -> N
     for module in report["modules"]:
         listed = re.search(rf"^{re.escape(module['module'])}\s+\S+$", section, re.MULTILINE)
         assert (listed is not None) == module["projected"], module["module"]
-    assert " ".join(ARGV) in section
+    # local paths by folder name (runs/my-lora is the adapter's ref), hub ids as given
+    assert ("safelora patch my-lora --base meta-llama/Llama-2-7b-hf --aligned "
+            "meta-llama/Llama-2-7b-chat-hf --output my-lora-safe") in section  # fmt: skip
     assert "safelora 0.1.0" in section
     assert "commit `" + "a" * 40 + "`" in section  # the aligned model's snapshot
     assert "commit `" + "b" * 40 + "`" in section
@@ -172,18 +182,41 @@ def test_odd_but_valid_metadata_survives_the_round_trip() -> None:
     original = (
         "---\nbomb: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n"
         "c: [*b, *b, *b, *b, *b, *b, *b, *b]\nloop: &l [*l]\nset: !!set {p, q}\n"
-        "when: 2024-01-01\n1: numeric key\ntags: {not: a list}\n"
+        "when: &d 2024-01-01\nagain: *d\n1: numeric key\ntags: {not: a list}\n"
         'quote: "a\\n---\\nb"\n---\nbody\n'
     )
     card = build_card(original, make_report(), "adapter", ARGV)
     data = front_matter(card.text)
-    assert len(card.text) < 2_000  # shared nodes stay shared: the bomb is not expanded
-    assert data["c"][0][0] == ["x"] * 10
+    block = REGEX_YAML_BLOCK.search(card.text).group(2)  # type: ignore[union-attr]
+    assert not re.search(r"(^|[\s\[{,])[&*]\w", block)  # no anchor, no alias: each value in full
+    assert data["c"] == [[["x"] * 10] * 8] * 8  # a small alias tree is expanded
+    assert data["again"] == data["when"]
+    assert data["set"] == {"p", "q"}
+    assert "loop" not in data  # a value that contains itself cannot be written out
     assert data["quote"] == "a\n---\nb"  # a "---" inside a value does not end the block
     assert data["tags"] == ["safelora"]
-    assert card.warnings == ("the input card's tags are not a list of strings: replaced by "
-                             "[safelora]",)  # fmt: skip
+    assert card.warnings == (
+        "the front matter key loop of the input's README.md refers to itself (a YAML alias "
+        "loop): left out of the model card",
+        "the input card's tags are not a list of strings: replaced by [safelora]",
+    )
     assert body_of(card.text) == "\n\nbody\n"
+
+
+def test_an_alias_bomb_is_left_out_quickly_and_the_rest_is_kept() -> None:
+    levels = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    original = "---\nlicense: mit\n" + "\n".join(levels) + "\n---\n# Card\n"  # 9^10 leaves
+    card = build_card(original, make_report(), "adapter", ARGV)
+    data = front_matter(card.text)
+    assert data["license"] == "mit"
+    assert len(card.text) < 2 * MAX_EXPANDED  # expanded within the cap, never beyond
+    assert "a9" not in data
+    assert not re.search(r"(^|[\s\[{,])[&*]a\d", card.text)
+    dropped = [w for w in card.warnings if "expands past 256 KiB (YAML anchors and aliases)" in w]
+    assert dropped  # each key that does not fit is named in a warning
+    assert all(w.endswith("left out of the model card") for w in dropped)
+    assert ModelCard(card.text).data.license == "mit"
 
 
 def test_undecodable_and_oversized_cards() -> None:
@@ -207,12 +240,13 @@ def test_hostile_values_cannot_break_out_of_the_markdown() -> None:
     report = make_report(names=["model.layers.0.q\x1b]0;owned\x07", "model.layers.1.`x`<img>"],
                          num_layers=2)  # fmt: skip
     report["inputs"]["adapter"]["ref"] = "runs/a ``` b\nINJECTED"
+    report["inputs"]["adapter"]["path"] = "/tmp/runs/a ``` b\nINJECTED"
     argv = ["safelora", "patch", "a\nb", "--output", "````"]
     card = build_card(None, report, "adapter", argv)
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", card.text)
     assert "\nINJECTED" not in card.text
     assert "`````sh\nsafelora patch 'a\\x0ab' --output '````'\n`````" in card.text
-    assert "````runs/a ``` b\\x0aINJECTED````" in card.text  # a code span longer than its runs
+    assert "````a ``` b\\x0aINJECTED````" in card.text  # a code span longer than its runs
 
 
 def test_card_of_a_real_run(trio: Trio, cli: Cli, tmp_path: Path) -> None:
@@ -300,8 +334,11 @@ def test_peft_loads_a_patched_adapter_whose_readme_is_the_card(cli: Cli, tmp_pat
     assert original == peft_card
     assert warnings == []
     written = (out / "README.md").read_bytes()  # safelora's card, with PEFT's text under it
-    command = ["safelora", *args, "--output", str(out), "--num-layers", "2", "--quiet"]
-    assert shlex.join(command) in written.decode()  # the command line, as it was run
+    # the command line as it was run, local paths by folder name
+    command = ["safelora", "patch", "adapter", "--base", "base", "--aligned", "aligned",
+               "--output", "out", "--num-layers", "2", "--quiet"]  # fmt: skip
+    assert shlex.join(command) in written.decode()
+    assert str(tmp_path) not in written.decode()
     assert report["summary"]["projected"] >= 2
 
     loaded = ModelCard.load(out / "README.md")

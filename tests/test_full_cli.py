@@ -49,7 +49,8 @@ def test_patch_writes_a_model_folder_with_a_card_and_a_full_report(
     assert "(full)" in result.stderr  # the heat map's title names the kind
     report = json.loads((out / REPORT).read_text())
     assert report["kind"] == "full"
-    assert report["inputs"]["model"]["path"] == str(models["ft"])
+    assert report["inputs"]["model"]["path"] == models["ft"].name  # published: no local path
+    assert report["output_kind"] == "full"
     assert report["summary"]["projected"] == 3
     skipped = {m["module"]: m["skipped"] for m in report["modules"] if m["skipped"]}
     assert skipped == {FROZEN[0]: "weight unchanged by the fine-tune"}
@@ -201,7 +202,10 @@ def test_merge_of_a_batch_writes_a_full_model_per_adapter(tmp_path: Path) -> Non
             [p.name for p in aligned.iterdir()] + [CARD, REPORT]
         )
         report = json.loads((folder / REPORT).read_text())
-        assert report["inputs"]["adapter"]["path"] == str(tmp_path / name)
+        assert report["inputs"]["adapter"]["path"] == name  # published: the folder's name
+        assert (report["kind"], report["output_kind"], report["settings"]["merge"]) == (
+            "adapter", "merged", True,
+        )  # fmt: skip
         assert "library_name: transformers" in (folder / CARD).read_text()
     one, two = folder_tensors(out / "one"), folder_tensors(out / "two")
     assert any(not torch.equal(one[n], two[n]) for n in one)  # each its own adapter

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from safelora_cli.errors import ExitCode
+from safelora_cli.output.published import published_report
 from safelora_cli.synthetic import LlamaShape
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import (
@@ -159,10 +160,12 @@ def check_report(
     assert settings["threshold"] == (None if mode == "number" else pytest.approx(t))
     for role, folder in (("base", trio.base), ("aligned", trio.aligned), ("adapter", trio.adapter)):
         entry = report["inputs"][role]
-        assert Path(entry["path"]) == folder.resolve()
+        assert entry["path"] == entry["ref"] == folder.name  # published: the folder's name only
         on_disk = {p.name: p.stat().st_size for p in folder.glob("*.safetensors")}
         assert on_disk.items() <= entry["files"].items()
-    assert report["output"] == str(out)
+    assert report["output"] == out.name
+    assert report["output_kind"] == "adapter"
+    assert settings["merge"] is False
 
     rows = {m["module"]: m for m in report["modules"]}
     assert len(rows) == len(report["modules"]) == len(dense)
@@ -310,7 +313,11 @@ def test_json_prints_only_the_report(trio: Trio, cli: Cli, tmp_path: Path) -> No
     result = cli(trio.patch_args(out, "--json", "--num-layers", "4"))  # table still on stderr
     assert result.exit_code == ExitCode.OK, result.stderr
     printed = json.loads(result.stdout)  # the whole of stdout is one JSON document
-    assert printed == json.loads((out / REPORT).read_text())
+    written = json.loads((out / REPORT).read_text())
+    assert printed["inputs"]["adapter"]["path"] == str(trio.adapter.resolve())  # full paths
+    assert printed["output"] == str(out)
+    assert written == published_report(printed)  # the published form of the same report
+    assert written["inputs"]["adapter"]["path"] == trio.adapter.name
     assert printed["summary"]["projected"] >= 4
 
 

@@ -38,6 +38,10 @@ INPUTS = {
     "base": {"ref": "org/base", "commit": "a" * 40, "files": {"model.safetensors": 123}},
     "aligned": {"ref": "/models/aligned", "files": {"model.safetensors": 456}},
 }
+STORED = {  # a local path is stored as the folder's name: the profile is shared with others
+    "base": INPUTS["base"],
+    "aligned": {"ref": "aligned", "files": {"model.safetensors": 456}},
+}
 # weight -> (out, in, decay of σ_i = i^-decay); "flat" cannot meet 0.01 within rank 8: whole
 WEIGHTS = {
     "model.layers.0.self_attn.q_proj.weight": (48, 40, 1.5),
@@ -96,7 +100,7 @@ def body_of(path: Path) -> dict[str, Any]:
 def test_round_trip(built: tuple[Path, dict[str, LowRank]]) -> None:
     path, entries = built
     profile = read_profile(path)
-    assert (profile.schema_version, profile.inputs, profile.rule) == (SCHEMA_VERSION, INPUTS, RULE)
+    assert (profile.schema_version, profile.inputs, profile.rule) == (SCHEMA_VERSION, STORED, RULE)
     assert [entries[w].kind for w in WEIGHTS] == [LOWRANK, LOWRANK, WHOLE, ZERO]
     for weight, entry in entries.items():
         info = profile.weights[weight]
@@ -147,7 +151,7 @@ def test_describe_lists_every_weight_and_totals(built: tuple[Path, dict[str, Low
     assert (totals["weights"], totals[LOWRANK], totals[WHOLE], totals[ZERO]) == (4, 2, 1, 1)
     assert totals["tensor_bytes"] == sum(e.nbytes for e in entries.values())
     assert totals["file_bytes"] == path.stat().st_size
-    assert summary["inputs"] == INPUTS
+    assert summary["inputs"] == STORED
 
 
 def test_provenance_records_the_file_and_its_pair(built: tuple[Path, dict[str, LowRank]]) -> None:
@@ -155,7 +159,7 @@ def test_provenance_records_the_file_and_its_pair(built: tuple[Path, dict[str, L
     record = provenance(read_profile(path))
     assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert (record["pair"], record["schema_version"], record["bytes"]) == (
-        INPUTS, SCHEMA_VERSION, path.stat().st_size,
+        STORED, SCHEMA_VERSION, path.stat().st_size,
     )  # fmt: skip
     assert record["rank_rule"] == {"rank": None, "tolerance": 0.01, "max_rank": 8}
 

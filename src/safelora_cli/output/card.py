@@ -30,17 +30,33 @@ from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from safelora_cli.errors import CorruptFileError
 from safelora_cli.inputs.modelref import is_hub_id, ref_from_input
 from safelora_cli.inputs.smallfiles import open_regular
-from safelora_cli.output.card_section import heading, section_lines
+from safelora_cli.output.card_section import heading, section_lines, strip_sections
+from safelora_cli.output.published import published_command, published_report
 from safelora_cli.untrusted import printable
 
 CARD_NAME = "README.md"
 MAX_CARD_BYTES = 8 * 2**20  # a larger card is not carried over (Hub READMEs are kilobytes)
 MAX_FRONT_MATTER = 256 * 2**10  # YAML larger than this is kept as text, not parsed
+MAX_EXPANDED = MAX_FRONT_MATTER  # the metadata written back, YAML aliases expanded
+MAX_DEPTH = 64  # nesting of the metadata written back (Hub metadata is a few levels deep)
 KINDS = {"adapter": "peft", "full": "transformers", "merged": "transformers"}
 TAG = "safelora"
+ADAPTER_TAG = "base_model:adapter:"
+ADAPTER_ONLY_TAGS = frozenset(
+    {"peft", "lora", "qlora", "dora", "loha", "lokr", "adalora", "ia3", "vera", "oft", "boft"}
+)
+"""Tags PEFT gives an adapter's card, wrong for a full or merged model (with ``ADAPTER_TAG``)."""
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+class _NoAliasDumper(_Dumper):  # type: ignore[misc]
+    """Writes every value in full: no anchor or alias in the card's front matter (``_expanded``
+    has already bounded what that costs and refused loops)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -78,17 +94,20 @@ def build_card(
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {sorted(KINDS)}")
+    public = published_report(report)  # what the card says of the inputs: no local path
     warnings: list[str] = []
     text = _decode(original, warnings)
     metadata, body = _split(text, warnings)
-    metadata = _metadata(metadata, report, kind, warnings)
+    body = strip_sections(body)  # a re-patched card: the earlier run's section goes
+    metadata = _metadata(_expanded(metadata, warnings), public, kind, warnings)
     # the input card's line ending, when most of its lines end so (Windows-edited cards)
     newline = "\r\n" if 2 * body.count("\r\n") > body.count("\n") else "\n"
     front = yaml.dump(
-        metadata, Dumper=_Dumper, sort_keys=False, allow_unicode=True, line_break=newline
+        metadata, Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, line_break=newline
     )
-    title = [] if body.strip() else [heading(report), ""]  # a card of its own needs a title
-    section = newline.join(["---", *title, *section_lines(report, kind, command), ""])
+    title = [] if body.strip() else [heading(public), ""]  # a card of its own needs a title
+    shown = published_command(command, report)
+    section = newline.join(["---", *title, *section_lines(public, kind, shown), ""])
     separator = newline if body else ""
     return Card(f"---{newline}{front}{section}{separator}{body}", metadata, tuple(warnings))
 
@@ -174,9 +193,8 @@ def _metadata(
 ) -> dict[str, Any]:
     """The input card's metadata, in its order, with safelora's keys set."""
     base_model = _base_model(original.get("base_model"), report, warnings)
-    ours = ModelCardData(
-        base_model=base_model, library_name=KINDS[kind], tags=_tags(original.get("tags"), warnings)
-    ).to_dict()  # type: ignore[no-untyped-call]
+    tags = _tags(original.get("tags"), warnings, kind, base_model)
+    ours = ModelCardData(base_model=base_model, library_name=KINDS[kind], tags=tags).to_dict()  # type: ignore[no-untyped-call]
     merged = dict(original)  # its keys keep their places; new ones go last
     if "base_model" not in ours:
         merged.pop("base_model", None)
@@ -187,7 +205,10 @@ def _metadata(
     return merged
 
 
-def _tags(value: Any, warnings: list[str]) -> list[str]:
+def _tags(value: Any, warnings: list[str], kind: str, base_model: Any) -> list[str]:
+    """The input card's tags, with ``safelora``. PEFT's ``base_model:adapter:X`` follows the
+    card's base_model (a local path in it is dropped); a full or merged model keeps no
+    adapter-only tag."""
     if value is None:
         tags: list[Any] = []
     elif isinstance(value, str):
@@ -197,7 +218,65 @@ def _tags(value: Any, warnings: list[str]) -> list[str]:
     else:
         warnings.append(f"the input card's tags are not a list of strings: replaced by [{TAG}]")
         tags = []
-    return [*tags, TAG] if TAG not in tags else tags
+    first = next((i for i, t in enumerate(tags) if t.startswith(ADAPTER_TAG)), None)
+    kept = [t for t in tags if not t.startswith(ADAPTER_TAG)]
+    if kind != "adapter":
+        kept = [t for t in kept if t.casefold() not in ADAPTER_ONLY_TAGS]
+    elif first is not None and isinstance(base_model, str):
+        kept.insert(
+            sum(not t.startswith(ADAPTER_TAG) for t in tags[:first]), ADAPTER_TAG + base_model
+        )
+    return [*kept, TAG] if TAG not in kept else kept
+
+
+class _Unwritable(Exception):
+    """A front matter value that cannot be written back without YAML aliases."""
+
+
+def _expanded(metadata: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """The metadata as plain trees: every YAML alias expanded into its own copy, key by key,
+    within ``MAX_EXPANDED`` characters in all; a value that refers to itself, nests past
+    ``MAX_DEPTH`` or would grow past what is left (an alias bomb) is left out, with a warning.
+
+    The copy is built node by node against the budget, so a bomb costs at most the budget.
+    """
+    budget, kept = MAX_EXPANDED, {}
+    for key, value in metadata.items():
+        try:
+            copied, budget = _copy(value, budget - len(str(key)), 0, frozenset())
+        except _Unwritable as exc:
+            warnings.append(
+                f"the front matter key {printable(key, 60)} of the input's {CARD_NAME} {exc}: "
+                "left out of the model card"
+            )
+            continue
+        kept[key] = copied
+    return kept
+
+
+def _copy(value: Any, budget: int, depth: int, inside: frozenset[int]) -> tuple[Any, int]:
+    """A copy of ``value`` with no shared node, and the budget left."""
+    budget -= len(str(value)) + 2 if not isinstance(value, (dict, list, set)) else 2
+    if budget < 0:
+        raise _Unwritable(f"expands past {MAX_EXPANDED // 2**10} KiB (YAML anchors and aliases)")
+    if isinstance(value, (dict, list, set)):
+        if id(value) in inside:
+            raise _Unwritable("refers to itself (a YAML alias loop)")
+        if depth >= MAX_DEPTH:
+            raise _Unwritable(f"is nested more than {MAX_DEPTH} levels deep")
+        inside |= {id(value)}
+        if isinstance(value, dict):
+            copied: dict[Any, Any] = {}
+            for key, item in value.items():
+                key, budget = _copy(key, budget, depth + 1, inside)
+                copied[key], budget = _copy(item, budget, depth + 1, inside)
+            return copied, budget
+        items = []
+        for item in value:
+            item, budget = _copy(item, budget, depth + 1, inside)
+            items.append(item)
+        return (set(items) if isinstance(value, set) else items), budget
+    return value, budget
 
 
 def _base_model(value: Any, report: Mapping[str, Any], warnings: list[str]) -> Any:

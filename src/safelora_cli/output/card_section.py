@@ -48,8 +48,37 @@ def section_lines(report: Mapping[str, Any], kind: str, command: Sequence[str] |
         lines += _fenced([printable(m, 1000) for m in messages], "text")
     argv = command if isinstance(command, str) else shlex.join(command)
     lines += ["", "Command:", "", *_fenced([printable(argv, 4000)], "sh")]
-    lines += ["", "Every module's scores are in the run's report (`safelora_report.json`).", END]
-    return lines
+    lines += ["", "Every module's scores are in the run's report (`safelora_report.json`)."]
+    # no value inside may read as a marker: the section must end where strip_sections sees it end
+    return [BEGIN, *(line.replace("<!--", "&lt;!--") for line in lines[1:]), END]
+
+
+def strip_sections(body: str) -> str:
+    """The card text without the safelora sections an earlier run put in it, so that patching a
+    patched adapter gives a card with one section. A section is removed with the line endings
+    ``build_card`` wrote after it, and the title it gave a card of its own, so the text of the
+    card it was written over comes back byte for byte. Linear in the text's length.
+    """
+    pieces: list[str] = []
+    pos, text_before = 0, False
+    while (start := body.find(BEGIN, pos)) >= 0 and (end := body.find(END, start)) >= 0:
+        before = body[pos:start]
+        if not text_before and _title_only(before):
+            before = ""  # nothing but the title an earlier run wrote comes before it
+        text_before = text_before or bool(before.strip())
+        pieces.append(before)
+        pos = end + len(END)
+        for _ in range(2):  # END's line ending, and the blank line before the text
+            pos += 2 if body.startswith("\r\n", pos) else 1 if body.startswith("\n", pos) else 0
+    if not pieces:
+        return body
+    return "".join(pieces) + body[pos:]
+
+
+def _title_only(text: str) -> bool:
+    """Whether ``text`` is blank, or one Markdown heading line (the title ``heading`` wrote)."""
+    line = text.strip()
+    return not line or (line.startswith("#") and "\n" not in line and "\r" not in line)
 
 
 _PAPER = (

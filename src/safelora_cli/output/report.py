@@ -209,6 +209,21 @@ def build(
     }
 
 
+OUTPUT_KINDS = ("adapter", "merged", "full")
+
+
+def mark_output(report: dict[str, Any], written: str) -> None:
+    """Say in ``report`` what its output folder holds: ``output_kind`` is "adapter" (the patched
+    adapter), "merged" (the aligned model with the patched adapter merged in) or "full" (a
+    patched full fine-tune), and ``settings.merge`` whether ``--merge`` was given. Both are
+    additions to schema 1; a report without an output (``score``) has neither."""
+    if written not in OUTPUT_KINDS:
+        raise ValueError(f"output kind {written!r} is not one of {OUTPUT_KINDS}")
+    report["output_kind"] = written
+    if isinstance(report.get("settings"), dict):
+        report["settings"]["merge"] = written == "merged"
+
+
 def subject(report: dict[str, Any]) -> str:
     """What a report is about: the adapter's or the fine-tune's path (or ref)."""
     inputs = report.get("inputs") or {}

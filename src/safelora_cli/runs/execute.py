@@ -19,6 +19,8 @@ import torch
 from safelora_cli.errors import SafeLoraError, UsageError
 from safelora_cli.inputs.resolve import ResolvedInput
 from safelora_cli.notices import Notices
+from safelora_cli.output.published import published_report
+from safelora_cli.output.report import mark_output
 from safelora_cli.output.writer import OutputFolder, check_output, check_report_path, output_error
 from safelora_cli.runs.keep import Drop, InMemory, Keep, Spill
 from safelora_cli.runs.kinds import ProgressFn, Scored
@@ -166,14 +168,17 @@ def finish(
     from safelora_cli.output.card import CARD_NAME, build_card, read_card
 
     original, problems = read_card(card_from.path, card_from.trusted_root)
+    mark_output(found, kind)
     found["warnings"] = notices.as_list(notices.adapter)  # with what writing found
     card = build_card(original, found, kind, command or PYTHON_COMMAND)
     for problem in [*problems, *card.warnings]:
         notices.add("model-card", problem)
     found["warnings"] = notices.as_list(notices.adapter)
     out.write_bytes(CARD_NAME, card.text.encode())
-    if report_file is None:
-        out.write_report(found)
+    if report_file is None:  # published with the output: no local path in it
+        public = published_report(found)
+        out.write_report(public)
+        found["files"] = public["files"]
     else:
         out.attach_json(report_file, found)
 

@@ -24,6 +24,7 @@ from safelora_cli.errors import NumericalError
 from safelora_cli.math.lowrank import AUTO, LowRank, RankRule, decompose
 from safelora_cli.notices import Notices
 from safelora_cli.output.atomic import write_safetensors
+from safelora_cli.output.published import public_inputs
 from safelora_cli.output.target import check_target
 from safelora_cli.output.writer import output_error
 from safelora_cli.sources.profile import CERTIFICATE_FIELDS, FORMAT, SCHEMA_VERSION, tensor_sha256
@@ -117,7 +118,8 @@ def write_profile(
     """Write the profile atomically: a temporary file beside ``path``, fsync'd, renamed over it.
 
     Args:
-        entries: from ``build_profile``; inputs: JSON-ready description of the model pair.
+        entries: from ``build_profile``; inputs: JSON-ready description of the model pair
+            (``ResolvedInput.describe()``), stored as ``published.public_inputs`` gives it.
         rule: the rank rule the entries were built with.
         transposed: weights whose stored tensor is (in, out) (Conv1D), given transposed.
         tied: {"lm_head.weight": embedding} when the model pair ties its head (written only
@@ -138,7 +140,7 @@ def write_profile(
         weights[name] = _weight_metadata(entry, name in transposed, stored)
     body = {
         "tool": {"name": "safelora", "version": __version__},
-        "inputs": dict(inputs),
+        "inputs": public_inputs(inputs),  # shared with everyone: no local path of its maker
         "rank_rule": rule_json(rule),
         "weights": weights,
         **({"tied": dict(tied)} if tied else {}),

@@ -25,6 +25,7 @@ from safelora_cli.output.card import (
     build_card,
     read_card,
 )
+from safelora_cli.output.card_section import BEGIN, END, strip_sections
 from tests.conftest import Trio
 from tests.reports import make_report, model_input
 
@@ -137,6 +138,7 @@ def test_full_and_merged_models_are_transformers_models(kind: str, library: str)
     data = front_matter(card.text)
     assert data["library_name"] == library
     assert data["base_model_relation"] == "finetune"  # no longer an adapter of base_model
+    assert data["tags"] == ["transformers", "safelora"]  # PEFT's adapter-only tags are gone
     with pytest.raises(ValueError, match="kind"):
         build_card(None, make_report(), "lora", ARGV)
 
@@ -261,6 +263,52 @@ def test_card_of_a_real_run(trio: Trio, cli: Cli, tmp_path: Path) -> None:
     projected = [m["module"] for m in report["modules"] if m["projected"]]
     assert len(projected) == 3
     assert all(f"\n{name} " in card.text for name in projected)
+
+
+# --- one safelora section per card --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "original",
+    [None, PEFT_CARD, PEFT_CARD.replace("\n", "\r\n").replace("\r\r", "\r"), "plain text\n"],
+    ids=["none", "peft", "crlf", "no-front-matter"],
+)
+def test_a_card_written_over_its_own_card_is_the_same_card(original: str | None) -> None:
+    report = make_report()
+    card = build_card(original, report, "adapter", ARGV)
+    again = build_card(card.text, report, "adapter", ARGV)
+    assert again.text == card.text  # the earlier section (and title) replaced, nothing stacked
+    assert again.text.count(BEGIN) == again.text.count(END) == 1
+
+
+def test_re_patching_replaces_the_section_and_keeps_the_input_text() -> None:
+    first = build_card(PEFT_CARD, make_report(num_layers=2), "adapter", ARGV)
+    second = build_card(first.text, make_report(num_layers=5), "merged", ARGV)
+    assert second.text.count(BEGIN) == second.text.count(END) == 1
+    assert "number: the 5 lowest cosines" in second.text
+    assert "number: the 2 lowest cosines" not in second.text  # the stale section is gone
+    assert body_of(second.text) == body_of(first.text)  # the input card's text, byte for byte
+    section = first.text[first.text.index(BEGIN) : first.text.index(END) + len(END)]
+    stacked = first.text.replace(section, f"{section}\n\n# old-title\n\n{section}")
+    third = build_card(stacked, make_report(), "adapter", ARGV)  # what older versions wrote
+    assert third.text.count(BEGIN) == 1
+    assert "old-title" not in third.text
+    assert body_of(third.text) == body_of(first.text)
+
+
+def test_a_module_named_like_a_marker_cannot_end_the_section_early() -> None:
+    names = ["model.layers.0.<!-- safelora: end -->", "model.layers.1.<!-- safelora: begin -->"]
+    report = make_report(names=names, num_layers=2)
+    card = build_card(PEFT_CARD, report, "adapter", ARGV)
+    assert card.text.count(END) == card.text.count(BEGIN) == 1
+    assert build_card(card.text, report, "adapter", ARGV).text == card.text
+
+
+def test_removing_sections_is_linear_in_the_card() -> None:
+    unclosed = "x" + BEGIN * 200_000  # a quadratic scan would not finish
+    assert strip_sections(unclosed) == unclosed
+    assert strip_sections(("t" + BEGIN + "y" + END) * 50_000) == "t" * 50_000
+    assert strip_sections("text only\n") == "text only\n"
 
 
 # --- reading the input card ---------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from safelora_cli.inputs.modelref import hub_cache_location, is_hub_id
+from safelora_cli.untrusted import ELLIPSIS
 
 _STOP = r"\s'\"`,;:()\[\]{}<>|"
 Scrub = Callable[[str], str]
@@ -138,12 +139,31 @@ def scrubber(report: Mapping[str, Any]) -> Scrub:
         else None
     )
 
+    def other(match: re.Match[str]) -> str:
+        path = match.group(0)
+        head, shortened, tail = path.partition(ELLIPSIS)
+        if shortened:  # printable() kept the start and the end of a long path
+            for known_path in known:  # the longest first
+                if known_path.startswith(head) and (rest := _rest(known_path, tail)) is not None:
+                    return names[known_path] + rest
+        return public_name(path)
+
     def scrub(text: str) -> str:
         if pattern is not None:
             text = pattern.sub(lambda m: names[m.group(0)], text)
-        return _ABSOLUTE.sub(lambda m: public_name(m.group(0)), text)
+        return _ABSOLUTE.sub(other, text)
 
     return scrub
+
+
+def _rest(path: str, tail: str) -> str | None:
+    """What follows ``path`` in a text that ends with ``tail`` (the end of ``path``, then maybe
+    a part below it: ``/README.md``), or None when ``tail`` is not the end of ``path``."""
+    cuts = [len(tail)] + [i for i, c in enumerate(tail) if c in "/\\" and i > 0]
+    for cut in cuts:
+        if path.endswith(tail[:cut]):
+            return tail[cut:]
+    return None
 
 
 def _argument(value: str, scrub: Scrub) -> str:
@@ -155,7 +175,7 @@ def _argument(value: str, scrub: Scrub) -> str:
         exists = False
     if exists:
         return public_name(str(local.resolve()))
-    if value.startswith(("/", "~", "./", "../")) or ("/" in value and not is_hub_id(value)):
+    if value.startswith(("/", "~", "./", "../")) or ("/" in value and not _hub_ref(value)):
         return public_name(value)
     return scrub(value)
 

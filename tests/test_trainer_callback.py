@@ -28,6 +28,7 @@ from transformers import (
 
 from safelora_cli.errors import FilesystemError, UsageError
 from safelora_cli.integrations.transformers import METRICS, SafeLoraCallback, checkpoint_metrics
+from safelora_cli.output.published import published_report
 from safelora_cli.settings import Settings
 from tests.factories import load_base, randomize_lora, save_hf_pair
 from tests.helpers import REPORT, WEIGHTS, invoke, read_tensors
@@ -123,8 +124,10 @@ def test_profile_scores_every_checkpoint_logs_and_patches_at_end(
     assert [s.step for s in callback.scores] == steps
     for score in callback.scores:
         assert score.folder == tmp_path / "run" / f"checkpoint-{score.step}"
-        report = json.loads((score.folder / REPORT).read_text())
-        assert report == score.report
+        written = (score.folder / REPORT).read_text()
+        report = json.loads(written)
+        assert report == published_report(score.report)  # no local path: checkpoints are pushed
+        assert str(tmp_path) not in written
         assert report["inputs"]["profile"]  # scored through the profile, not a pair
         assert report["warnings"] == []
         assert report["summary"]["modules"] == LORA_MODULES

@@ -39,6 +39,7 @@ from safelora_cli import api
 from safelora_cli.errors import UsageError
 from safelora_cli.notices import Notice
 from safelora_cli.output.atomic import write_json
+from safelora_cli.output.published import published_report
 from safelora_cli.output.report import REPORT_NAME
 from safelora_cli.output.writer import check_output
 from safelora_cli.settings import Select, Settings
@@ -197,7 +198,8 @@ class SafeLoraCallback(TrainerCallback):
             folder, self.base, self.aligned, self.settings, self.revision,
             notify=self._notify, profile=self.profile,
         )  # fmt: skip
-        write_json(folder / REPORT_NAME, result.report)
+        # a checkpoint may be pushed to the Hub: the published form, with no local path
+        write_json(folder / REPORT_NAME, published_report(result.report))
         scored = CheckpointScore(step, folder, result.report, checkpoint_metrics(result.report))
         self.scores.append(scored)
         return scored

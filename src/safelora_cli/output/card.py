@@ -5,7 +5,10 @@ The card has Hugging Face front matter (``base_model``: the aligned model; ``lib
 the input card's metadata, then a short section saying what safelora did, then the input card's
 text, unchanged. The input card is untrusted: whatever it holds (not UTF-8, front matter that is
 not YAML or not a mapping, a YAML bomb, megabytes of text) ends in a valid card and a warning
-string for the caller, never an exception or a hang.
+string for the caller, never an exception or a hang. The front matter is written without YAML
+anchors or aliases (``_expanded``); a card safelora wrote earlier has its section replaced
+(``card_section.strip_sections``), so a card holds one; and the card names inputs as published
+files do (``published``): no local path, in the section or the command line.
 
 ``build_card`` is a pure function of plain data (the card's bytes or text, the report dict, the
 command line). ``read_card`` reads an input folder's README.md under the rules of the other files

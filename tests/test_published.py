@@ -186,6 +186,9 @@ def test_a_merged_card_is_a_full_model_card_and_its_report_says_merged(
         "This model is the aligned model below with a LoRA adapter merged in"
         in (out / CARD).read_text()
     )
+    shown = cli(["show", str(out / REPORT), "--json"])  # the published report reads back
+    assert shown.exit_code == ExitCode.OK, shown.stderr
+    assert json.loads(shown.stdout)["output_kind"] == "merged"
 
 
 # --- profiles ------------------------------------------------------------------------------------

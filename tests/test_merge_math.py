@@ -399,6 +399,8 @@ def test_cli_merge_equals_peft_merge_of_the_patched_adapter(
     report = json.loads((merged / "safelora_report.json").read_text())
     assert report["summary"]["projected"] >= 1
     alone = json.loads((patched / "safelora_report.json").read_text())
+    assert (report["settings"].pop("merge"), alone["settings"].pop("merge")) == (True, False)
+    assert (report["output_kind"], alone["output_kind"]) == ("merged", "adapter")
     same = ("modules", "settings", "inputs", "summary", "kind")
     assert {k: report[k] for k in same} == {k: alone[k] for k in same}
     tied = [w for w in report["warnings"] if w["code"] == "merged-tied"]

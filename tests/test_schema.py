@@ -115,6 +115,10 @@ def test_every_kind_of_report_validates(
     assert "subspace_rank" in reports["subspace"]["modules"][0]
     assert any(m["skipped"] for m in reports["adapter"]["modules"])
     assert "files" in reports["merged"]
+    assert (reports["merged"]["output_kind"], reports["merged"]["settings"]["merge"]) == (
+        "merged", True,
+    )  # fmt: skip
+    assert reports["saved"]["output_kind"] == "merged"
 
 
 def test_a_string_cosine_is_rejected(
@@ -181,7 +185,8 @@ def test_every_object_in_the_schema_is_closed_but_the_recorded_ones() -> None:
 
 def test_the_settings_in_the_schema_are_the_settings(validator: Any) -> None:
     settings = printed_schema()["$defs"]["settings"]
-    assert set(settings["properties"]) == set(settings["required"]) == set(SETTING_KEYS)
+    assert set(settings["required"]) == set(SETTING_KEYS)
+    assert set(settings["properties"]) == {*SETTING_KEYS, "merge"}  # patch's --merge
 
 
 def test_schema_takes_no_arguments_and_writes_nothing(tmp_path: Path) -> None:

@@ -295,5 +295,5 @@ def test_without_a_trainer_the_metrics_go_to_log_history(
     [scored] = callback.scores
     assert state.log_history == [{**scored.metrics, "step": 3}]
     assert scored.metrics["safelora/would_project"] == 2  # q_proj of 2 layers
-    assert json.loads((checkpoint / REPORT).read_text()) == scored.report
+    assert json.loads((checkpoint / REPORT).read_text()) == published_report(scored.report)
     assert control.should_training_stop  # 2 > 1

@@ -183,6 +183,27 @@ def test_the_tolerance_rule_on_the_randomized_route(tolerance: float, spectrum: 
         assert entry.rank <= int(torch.nonzero(s2 <= 0.6 * tolerance)[0])
 
 
+@pytest.mark.usefixtures("small_randomized")
+def test_a_k_inside_a_flat_floor_goes_exact_after_one_sketch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rank 6 over a flat noise floor, k = 16: directions 7..16 are noise, no basis of them is
+    close to invariant, so the certificate is loose; with no gap between σ̂_16 and σ̂_17 more
+    power iterations cannot help, and the exact route decides after a single sketch."""
+    calls: list[int] = []
+    sketch = lowrank._sketch
+
+    def spy(v: torch.Tensor, width: int, niter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(niter)
+        return sketch(v, width, niter)
+
+    monkeypatch.setattr(lowrank, "_sketch", spy)
+    v = noisy(200, 150, 0).float()
+    entry = decompose(v, float(v.double().norm()), RankRule(rank=16, tolerance=None), RANDOMIZED)
+    assert entry.method == EXACT
+    assert calls == [lowrank.SKETCH_ITERATIONS]
+
+
 def bench_v(out: int, inp: int, flavour: str, seed: int = 0) -> torch.Tensor:
     """bench/profile_lowrank.py's V: a rank-4 update of 2% (``lowrank4``) or σ_i ∝ i^-1/2 over
     every direction (``slow``), over a random W, both rounded to bf16."""

@@ -64,7 +64,7 @@ FLOAT32_FLOOR = 1e-6  # c and f of a float32 Û are about 1e-8 σ_1² (exact vec
 # AUTO: randomized when k <= min(out, in) / RANDOMIZED_MAX_SHARE (bench/profile_lowrank.py)
 RANDOMIZED_MAX_SHARE = 32
 POWER_ITERATIONS = 6  # torch.svd_lowrank's niter for the randomized Û, when 2 were too few
-SKETCH_ITERATIONS = 1  # the first try (4 passes over V instead of 14)
+SKETCH_ITERATIONS = 2  # the first try (6 passes over V instead of 14; 1 was often too loose)
 # Under --tolerance the sketch has SKETCH_WIDTHS[0] columns, then the next while
 # RANDOMIZED_MAX_SHARE x width <= 2 min(out, in); k aims at PROBE_MARGIN (1 − ε) of the budget.
 SKETCH_WIDTHS = (16, 64)
@@ -204,12 +204,15 @@ def _sketched(
             found = _attempt(v, v_norm, eta, rule, width, niter)
             if isinstance(found, LowRank):
                 return found
+            if found == _NO_GAP:
+                return None  # no sketch separates σ_k from σ_{k+1}: the exact route
             if found != _LOOSE:
                 break  # a better basis cannot help: a wider sketch, or the exact route
     return None
 
 
-_OUT_OF_REACH, _LOOSE = "out of reach", "loose"
+_OUT_OF_REACH, _LOOSE, _NO_GAP = "out of reach", "loose", "no gap"
+GAP = 1.03  # λ̂_k / λ̂_{k+1} below this: more power iterations will not make a loose basis tight
 
 
 def _attempt(
@@ -217,7 +220,9 @@ def _attempt(
 ) -> LowRank | str | None:
     """One sketch (``width`` columns, ``niter`` power iterations) and its entry; or why not:
     _OUT_OF_REACH (no k within the sketch meets the rule), _LOOSE (the certificate is looser than
-    RANDOMIZED_SLACK x any exact one: a better basis may do), None (tolerance missed)."""
+    RANDOMIZED_SLACK x any exact one: a better basis may do), _NO_GAP (as loose, with no gap
+    between λ̂_k and λ̂_{k+1}, as inside a flat noise floor: no basis will do), None (tolerance
+    missed)."""
     basis, sigma = _sketch(v, width, niter)
     lam = sigma.double() ** 2
     usable = width if width == min(v.shape) else width - OVERSAMPLE // 2  # σ̂ trusted so far
@@ -236,7 +241,8 @@ def _attempt(
         bound = entry.certificate.operator_bound
         slack = FLOAT32_FLOOR * float(lam[0]) + 4.0 * eta
         if bound > RANDOMIZED_SLACK * max(floor, 0.0) + slack:
-            return _LOOSE
+            gapless = k < width and float(lam[k - 1]) < GAP * float(lam[k])
+            return _NO_GAP if gapless else _LOOSE
         if _meets(entry, rule):
             return entry
         assert rule.tolerance is not None

@@ -16,8 +16,8 @@ Build (``decompose``), two routes:
   1e-12 (recorded per weight as ``failure``). The entry is kept only when its certificate is
   within RANDOMIZED_SLACK of a proven lower bound on σ²_{k+1}, so within 1.25x of what the
   exact route would certify; otherwise, or when the tolerance is out of the sketch's reach, the
-  exact route decides. Measured on the bench pair's 2048 x 5632 weight: 0.3 s against 1.6 s,
-  the certificate 1.18x the exact one.
+  exact route decides. Measured on the bench pair's 2048 x 5632 weight: 0.33-0.55 s against
+  2.5-3.6 s for the exact route (same process, loaded host), the certificate 1.19x the exact one.
 - Exact: the Gram matrix of V's shorter side in float64 (products of float32 numbers are exact
   there), its eigendecomposition giving the exact spectrum λ; the rank rule picks k from λ, U_k
   from the eigenvectors, and ``certificate.certify`` proves the bound (no probability).

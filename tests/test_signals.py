@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from safelora_cli.errors import ExitCode
 from safelora_cli.output import writer
+from safelora_cli.output.staging import OWNER_NAME
 from safelora_cli.output.writer import STAGE_PREFIX
 from safelora_cli.runs import execute
 from safelora_cli.synthetic import LlamaShape, PairSpec, all_modules, make_adapter, make_pair
@@ -288,3 +289,46 @@ def test_interrupt_while_publishing_is_held_back_and_the_output_is_complete(
     assert line.startswith(f"error: interrupted just after {output} was written; it is complete")
     assert leftovers(tmp_path) == []
     same_output(output, reference, carried)
+
+
+@pytest.mark.parametrize("point", ["folder-made", "owner-file-opened", "new-made"])
+def test_interrupt_while_the_staging_folder_is_made_leaves_nothing(
+    trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    """SIGTERM landing at each step of making the staging folder (just after its mkdir, before
+    the run has recorded it as its own, too): exit 130, and no staging folder left behind."""
+    real_mkdir, real_open = os.mkdir, os.open
+    sent: list[str] = []
+
+    def signal_after(name: str, path: Any) -> None:
+        if not sent and name == point:
+            sent.append(str(path))
+            signal.raise_signal(signal.SIGTERM)
+
+    def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        real_mkdir(path, *args, **kwargs)
+        path = Path(path)
+        if path.name.startswith(STAGE_PREFIX):
+            signal_after("folder-made", path)
+        elif path.name == "new" and path.parent.name.startswith(STAGE_PREFIX):
+            signal_after("new-made", path)
+
+    def open_(path: Any, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, *args, **kwargs)
+        if Path(path).name == OWNER_NAME:
+            try:
+                signal_after("owner-file-opened", path)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    output = tmp_path / "out"
+    result = invoke(trio.patch_args(output, "--quiet"))
+    assert sent
+    assert result.exit_code == ExitCode.INTERRUPTED, result.stderr
+    assert result.stderr.splitlines() == [INTERRUPTED]
+    assert leftovers(tmp_path) == []
+    assert not output.exists()

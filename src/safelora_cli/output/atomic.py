@@ -10,18 +10,14 @@ import io
 import json
 import os
 import re
-import signal
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import FrameType
 from typing import Any, BinaryIO
 
 from safelora_cli.errors import CorruptFileError
 from safelora_cli.notices import Notices
 from safelora_cli.output.reclaim import reclaim
-from safelora_cli.output.staging import Staging, publish_lock
+from safelora_cli.output.staging import Staging, deferred_signals, publish_lock
 from safelora_cli.output.target import check_replaceable
 
 __all__ = ["StagedFile", "copy_input", "deferred_signals", "publish_lock", "save_safetensors",
@@ -44,26 +40,6 @@ def copy_input(src: Path, dst: Path) -> None:
             if not chunk:
                 return
             target.write(chunk)
-
-
-@contextmanager
-def deferred_signals() -> Iterator[list[int]]:
-    """Hold SIGINT/SIGTERM back while the output is being moved into place (a few renames), so
-    that an interrupt never leaves it half-swapped; yields the signals that arrived meanwhile."""
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-
-    def record(signum: int, frame: FrameType | None) -> None:
-        caught.append(signum)
-
-    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield caught
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def current_umask() -> int:

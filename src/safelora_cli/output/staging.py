@@ -25,12 +25,15 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 try:
@@ -68,6 +71,27 @@ def publish_lock(parent: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """Hold SIGINT/SIGTERM back for a few steps that must not be cut in two (making a staging
+    folder and recording it for removal; moving the output into place); yields the signals
+    that arrived meanwhile. Outside the main thread (where no handler runs) it holds nothing."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def try_lock(fd: int) -> bool | None:
@@ -167,7 +191,9 @@ class Staging:
         Raises:
             OSError: the folder cannot be made (FileExistsError included: never one not ours).
         """
-        with publish_lock(self.parent):
+        # Ctrl-C or SIGTERM is held back from mkdir until ``_made`` records it (landing between
+        # the two, its KeyboardInterrupt would leave the folder behind), then delivered here
+        with publish_lock(self.parent), deferred_signals() as caught:
             self.path.mkdir(mode=0o700)  # private while staged; ``new`` follows the umask
             self._made = True
             try:
@@ -180,6 +206,12 @@ class Staging:
             except BaseException:
                 self.remove()
                 raise
+        try:
+            for signum in caught:  # the handlers are back: as if it had landed just now
+                signal.raise_signal(signum)
+        except BaseException:
+            self.remove()
+            raise
 
     def mark(self, state: str) -> None:
         """Record ``state`` in the owner file (``PUBLISHING`` before the first rename)."""

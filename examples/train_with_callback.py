@@ -35,6 +35,7 @@ from transformers import (
     DataCollatorForLanguageModeling,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from safelora_cli import Settings
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--save-steps", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0, help="the LoRA's init, data order, dropout")
     parser.add_argument(
         "--threshold",
         type=float,
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_ref, profile = args.model, args.profile
         output_dir = args.output_dir or Path("run")
+    set_seed(args.seed)  # the LoRA's random init: the Trainer seeds only after it is made
     aligned_model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
     model = get_peft_model(aligned_model, lora)
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     training = TrainingArguments(
         output_dir=str(output_dir), max_steps=args.max_steps, save_steps=args.save_steps,
         logging_steps=1, learning_rate=args.learning_rate, per_device_train_batch_size=4,
-        report_to=args.report_to, seed=0, disable_tqdm=True,
+        report_to=args.report_to, seed=args.seed, disable_tqdm=True,
     )  # fmt: skip
     trainer = Trainer(
         model=model, args=training, train_dataset=data, data_collator=collator,

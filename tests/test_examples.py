@@ -566,3 +566,24 @@ def test_training_example_runs_on_the_tiny_model_and_its_gate_stops_it(
     final = json.loads((run / "final-safe" / "safelora_report.json").read_text())
     assert final["summary"]["projected"] == report["summary"]["projected"]
     assert f"patched final adapter: {run / 'final-safe'}" in result.stdout
+
+
+@pytest.mark.slow
+def test_training_example_is_the_same_at_every_run(
+    shell_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Seeded throughout (the LoRA's random init included, made before the Trainer seeds): two
+    runs score their checkpoint alike, so the gate above never depends on the run's luck."""
+    reports = []
+    for run in ("one", "two"):
+        out = tmp_path / run
+        subprocess.run(
+            [sys.executable, str(TRAIN), "--tiny", str(tmp_path / "tiny"), "--output-dir",
+             str(out), "--max-steps", "2"],
+            env=shell_env, capture_output=True, text=True,
+            timeout=300, check=True,
+        )  # fmt: skip
+        report = json.loads((out / "checkpoint-2" / "safelora_report.json").read_text())
+        reports.append([(m["module"], m["cosine"]) for m in report["modules"]])
+    assert reports[0] == reports[1]
+    assert all(cosine is not None for _, cosine in reports[0])

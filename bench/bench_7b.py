@@ -23,13 +23,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import Sample, log, run_once  # noqa: E402
+from measure import log, run_once  # noqa: E402
 from results import machine  # noqa: E402
 from safelora_cli.synthetic import LlamaShape, all_modules, make_adapter  # noqa: E402
 
@@ -166,7 +167,11 @@ def cases(paths: Paths, full_layers: int) -> list[tuple[str, str, list[str], Pat
     ]  # fmt: skip
 
 
-def render(rows: list[tuple[str, str, Sample | None, str]], full_layers: int, cmd: str) -> str:
+Row = dict[str, Any]
+"""One measured case: key, label, wall_s, rss_mb, other_cores, note, when, source."""
+
+
+def render(rows: list[Row], full_layers: int, cmd: str) -> str:
     lines = [
         "# safelora at the Llama-2-7B shape",
         "",
@@ -177,7 +182,9 @@ def render(rows: list[tuple[str, str, Sample | None, str]], full_layers: int, cm
         "on the 7 projections of every layer. Each case is one whole process "
         "(the pair does not fit in the page cache next to itself, so reads are mostly from "
         'disk); peak RSS from `/usr/bin/time -v`; "other load" is the CPU the rest of the '
-        "machine used meanwhile (above ~0.3 cores the wall time is inflated).",
+        "machine used meanwhile (above ~0.3 cores the wall time is inflated). Cases may be "
+        "measured in several sittings (`--only`, with `--keep`): each row says when, on which "
+        "source.",
         "",
         "## Machine",
         "",
@@ -187,16 +194,13 @@ def render(rows: list[tuple[str, str, Sample | None, str]], full_layers: int, cm
         "",
         "## Results",
         "",
-        "| case | wall s | peak RSS MB | other load (cores) | note |",
-        "|---|---:|---:|---:|---|",
+        "| case | wall s | peak RSS MB | other load (cores) | note | measured |",
+        "|---|---:|---:|---:|---|---|",
     ]
-    for _key, label, sample, note in rows:
-        if sample is None:
-            lines.append(f"| {label} | — | — | — | {note} |")
-            continue
-        rss = sample.peak_rss_kib * 1024 / 1e6
+    for row in rows:
         lines.append(
-            f"| {label} | {sample.wall_s:.1f} | {rss:.0f} | {sample.other_cores:.2f} | {note} |"
+            f"| {row['label']} | {row['wall_s']:.1f} | {row['rss_mb']:.0f} | "
+            f"{row['other_cores']:.2f} | {row['note']} | {row['when']}, {row['source']} |"
         )
     lines += [
         "",
@@ -239,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             build(paths)
             stamp.write_text(json.dumps(spec))
         paths.out.mkdir(exist_ok=True)
-        rows: list[tuple[str, str, Sample | None, str]] = []
-        startup: float | None = None
+        store = args.results.with_suffix(".json")
+        saved: dict[str, Row] = json.loads(store.read_text()) if store.is_file() else {}
+        source = dict(machine())["source"]
+        startup: float | None = saved.get("score-profile", {}).get("wall_s")
         for key, label, command, output in cases(paths, args.full_layers):
             if args.only and key not in args.only:
                 continue
@@ -259,10 +265,18 @@ def main(argv: list[str] | None = None) -> int:
                 note = (
                     f"extrapolated to {SHAPE.layers} layers: ≈ {whole / 60:.0f} min (not measured)"
                 )
-            rows.append((key, label, sample, note.replace("|", "/").replace("\n", " ")))
+            saved[key] = {
+                "label": label, "wall_s": sample.wall_s, "other_cores": sample.other_cores,
+                "rss_mb": sample.peak_rss_kib * 1024 / 1e6,
+                "note": note.replace("|", "/").replace("\n", " "),
+                "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "source": source,
+            }  # fmt: skip
+            store.write_text(json.dumps(saved, indent=1), encoding="utf-8")
             if output is not None:
                 shutil.rmtree(output, ignore_errors=True)
         cmd = " ".join(["python bench/bench_7b.py", *(argv if argv is not None else sys.argv[1:])])
+        order = [key for key, *_ in cases(paths, args.full_layers)]
+        rows = [saved[key] for key in order if key in saved]
         args.results.write_text(render(rows, args.full_layers, cmd), encoding="utf-8")
         log(f"wrote {args.results}")
     finally:

@@ -14,7 +14,7 @@ import pytest
 
 from safelora_cli.display.markdown import code, report_markdown, text
 from safelora_cli.errors import ExitCode
-from safelora_cli.output.github import annotation, escape_data, escape_property
+from safelora_cli.output.ci.github import annotation, escape_data, escape_property
 from tests.conftest import Trio
 from tests.helpers import REPORT, assert_error, invoke
 from tests.reports import make_report

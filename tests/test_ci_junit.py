@@ -14,7 +14,7 @@ import pytest
 from lxml import etree
 
 from safelora_cli.errors import ExitCode
-from safelora_cli.output.junit import render_junit, split_module
+from safelora_cli.output.ci.junit import render_junit, split_module
 from tests.conftest import Trio, TrioFactory
 from tests.helpers import REPORT, assert_error, invoke
 from tests.reports import make_report

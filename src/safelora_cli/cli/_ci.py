@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from safelora_cli.inputs.config import RunConfig
-from safelora_cli.output import github
+from safelora_cli.output.ci import github
 from safelora_cli.output.report import subject
 from safelora_cli.untrusted import safe_text
 
@@ -37,7 +37,7 @@ class CiOutputs:
         """Refuse a ``--junit`` target before any work (see ``junit.check_junit_path``)."""
         if self.junit is None:
             return
-        from safelora_cli.output.junit import check_junit_path
+        from safelora_cli.output.ci.junit import check_junit_path
 
         refs = [*paths, config.base, config.aligned, config.profile]
         inputs = [Path(ref) for ref in refs if ref is not None and Path(ref).exists()]
@@ -53,7 +53,7 @@ class CiOutputs:
             gates: report index -> why it failed ``--fail-if-projected`` (empty: no gate).
         """
         if self.junit is not None:
-            from safelora_cli.output.junit import write_junit
+            from safelora_cli.output.ci.junit import write_junit
 
             write_junit(self.junit, reports)
         if not github.active():

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safelora_cli.errors import ExitCode
-from safelora_cli.output import writer
+from safelora_cli.output import staging, writer
 from safelora_cli.output.staging import OWNER_NAME
 from safelora_cli.output.writer import STAGE_PREFIX
 from safelora_cli.runs import execute
@@ -332,3 +332,33 @@ def test_interrupt_while_the_staging_folder_is_made_leaves_nothing(
     assert result.stderr.splitlines() == [INTERRUPTED]
     assert leftovers(tmp_path) == []
     assert not output.exists()
+
+
+def test_a_signal_while_interrupts_are_being_held_back_puts_every_handler_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM landing after SIGINT's handler was swapped, before SIGTERM's: its interrupt goes
+    through, and Ctrl-C is not left swallowed by the handler that held it back."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    real_signal = signal.signal
+    previous = {s: real_signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+
+        def install(signum: int, handler: Any) -> Any:
+            old = real_signal(signum, handler)
+            if signum == signal.SIGINT and handler is not interrupt:
+                signal.raise_signal(signal.SIGTERM)
+            return old
+
+        monkeypatch.setattr(signal, "signal", install)
+        with pytest.raises(KeyboardInterrupt), staging.deferred_signals():
+            pytest.fail("the interrupt should have landed before the block")
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is interrupt
+        assert signal.getsignal(signal.SIGTERM) is interrupt
+    finally:
+        for signum, handler in previous.items():
+            real_signal(signum, handler)

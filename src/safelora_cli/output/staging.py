@@ -86,12 +86,17 @@ def deferred_signals() -> Iterator[list[int]]:
     def record(signum: int, frame: FrameType | None) -> None:
         caught.append(signum)
 
-    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    # read first: a signal landing between two installs (its KeyboardInterrupt raised before
+    # ``signal.signal`` returns the old handler) must still find every handler put back
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        for signum in previous:
+            signal.signal(signum, record)
         yield caught
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: not installed from Python, nothing to put back
+                signal.signal(signum, handler)
 
 
 def try_lock(fd: int) -> bool | None:

@@ -291,19 +291,25 @@ def test_interrupt_while_publishing_is_held_back_and_the_output_is_complete(
     same_output(output, reference, carried)
 
 
-@pytest.mark.parametrize("point", ["folder-made", "owner-file-opened", "new-made"])
+@pytest.mark.parametrize(
+    "point", ["folder-made", "owner-file-opened", "new-made", "handler-put-back", "lock-let-go"]
+)
 def test_interrupt_while_the_staging_folder_is_made_leaves_nothing(
     trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
 ) -> None:
-    """SIGTERM landing at each step of making the staging folder (just after its mkdir, before
-    the run has recorded it as its own, too): exit 130, and no staging folder left behind."""
-    real_mkdir, real_open = os.mkdir, os.open
+    """SIGTERM (or SIGINT) landing at each step of making the staging folder (just after its
+    mkdir, before the run has recorded it as its own; as soon as its handler that held it back
+    is put back; as the folder's lock is let go): exit 130, and no staging folder left behind."""
+    real_mkdir, real_open, real_close, real_signal = os.mkdir, os.open, os.close, signal.signal
     sent: list[str] = []
 
-    def signal_after(name: str, path: Any) -> None:
+    def staging_exists() -> bool:
+        return any(p.name.startswith(STAGE_PREFIX) for p in tmp_path.iterdir())
+
+    def signal_after(name: str, path: Any, signum: int = signal.SIGTERM) -> None:
         if not sent and name == point:
             sent.append(str(path))
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signum)
 
     def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
         real_mkdir(path, *args, **kwargs)
@@ -323,8 +329,25 @@ def test_interrupt_while_the_staging_folder_is_made_leaves_nothing(
                 raise
         return fd
 
+    def close(fd: int) -> None:
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            name = ""
+        real_close(fd)
+        if name == str(tmp_path.resolve()) and staging_exists():  # the parent's lock
+            signal_after("lock-let-go", name)
+
+    def install(signum: int, handler: Any) -> Any:
+        previous = real_signal(signum, handler)
+        if getattr(previous, "__name__", "") == "record" and staging_exists():
+            signal_after("handler-put-back", signum, signum)  # the one just put back
+        return previous
+
     monkeypatch.setattr(os, "mkdir", mkdir)
     monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "close", close)
+    monkeypatch.setattr(signal, "signal", install)
     output = tmp_path / "out"
     result = invoke(trio.patch_args(output, "--quiet"))
     assert sent

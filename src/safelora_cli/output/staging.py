@@ -197,25 +197,26 @@ class Staging:
             OSError: the folder cannot be made (FileExistsError included: never one not ours).
         """
         # Ctrl-C or SIGTERM is held back from mkdir until ``_made`` records it (landing between
-        # the two, its KeyboardInterrupt would leave the folder behind), then delivered here
-        with publish_lock(self.parent), deferred_signals() as caught:
-            self.path.mkdir(mode=0o700)  # private while staged; ``new`` follows the umask
-            self._made = True
-            try:
-                fd = os.open(self.path / OWNER_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                self._fd = fd
-                try_lock(fd)  # a new file: nobody else can hold it (None: no locks here)
-                os.write(fd, self._owner.encode())
-                if folder:
-                    self.staged.mkdir()  # the umask decides the published folder's mode
-            except BaseException:
-                self.remove()
-                raise
+        # the two, its KeyboardInterrupt would leave the folder behind), then delivered here;
+        # one landing as the handlers are put back or the lock let go removes the folder too
         try:
+            with publish_lock(self.parent), deferred_signals() as caught:
+                self.path.mkdir(mode=0o700)  # private while staged; ``new`` follows the umask
+                self._made = True
+                try:
+                    fd = os.open(self.path / OWNER_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    self._fd = fd
+                    try_lock(fd)  # a new file: nobody else can hold it (None: no locks here)
+                    os.write(fd, self._owner.encode())
+                    if folder:
+                        self.staged.mkdir()  # the umask decides the published folder's mode
+                except BaseException:
+                    self.remove()  # still under the lock: never seen half made
+                    raise
             for signum in caught:  # the handlers are back: as if it had landed just now
                 signal.raise_signal(signum)
         except BaseException:
-            self.remove()
+            self.remove()  # nothing when the folder was not made (or is gone already)
             raise
 
     def mark(self, state: str) -> None:

@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from safelora_cli.math.lowrank import RankRule
 from safelora_cli.notices import NotifyFn
-from safelora_cli.runs import execute, profile_run
+from safelora_cli.runs import execute
 from safelora_cli.runs.kinds import ProgressFn, Written
+from safelora_cli.runs.profile_run import make_profile
 from safelora_cli.runs.run import Request
 from safelora_cli.runs.source import PathLike
 from safelora_cli.settings import Settings
@@ -157,37 +155,3 @@ def patch(
     request = Request([adapter], base, aligned, profile, settings, written, revision, notify)
     report = execute.patch_one(request, output, report_file, force, command, progress)
     return Result(report, output)
-
-
-def make_profile(
-    base: PathLike,
-    aligned: PathLike,
-    output: PathLike,
-    rule: RankRule = RankRule(),
-    *,
-    targets: tuple[str, ...] = (),
-    device: torch.device | None = None,
-    revision: str | None = None,
-    force: bool = False,
-    progress: ProgressFn | None = None,
-    notify: NotifyFn | None = None,
-) -> dict[str, Any]:
-    """Profile the model pair into ``output``: what every later run needs of V, in one file.
-
-    Args:
-        base, aligned: the model pair (folder or hub id).
-        output: the profile file; refused if it exists, unless ``force``.
-        rule: the rank rule (``--rank K``, or ``--tolerance T`` up to ``--max-rank``).
-        targets: which weights (default: every 2-D weight of the repeated blocks).
-        device: where the decompositions run (default CPU).
-        progress: called as ``progress(bytes_done, bytes_total, weight)``.
-        notify: called with each notice.
-    Returns:
-        ``profile_summary.describe`` of the file written, with the run's ``warnings``.
-    Example:
-        >>> make_profile("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf",
-        ...              "llama-2-7b-chat.safetensors", RankRule(rank=32))
-    """
-    return profile_run.make_profile(base, aligned, output, rule, targets=targets, device=device,
-                                    revision=revision, force=force, progress=progress,
-                                    notify=notify)  # fmt: skip

@@ -66,7 +66,8 @@ def make_profile(
     progress: ProgressFn | None = None,
     notify: NotifyFn | None = None,
 ) -> dict[str, Any]:
-    """Profile the model pair into ``output``.
+    """Profile the model pair into ``output``: what every later run needs of V, in one file
+    (``safelora profile``; public as ``safelora_cli.api.make_profile``).
 
     Args:
         base, aligned: the model pair (folder or hub id).
@@ -75,6 +76,7 @@ def make_profile(
         targets: which weights (default: every 2-D weight of the repeated blocks).
         device: where the decompositions run (default CPU).
         progress: called as ``progress(bytes_done, bytes_total, weight)``.
+        notify: called with each notice.
     Returns:
         ``profile_summary.describe`` of the file written, with the run's ``warnings``.
     Example:

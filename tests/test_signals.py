@@ -385,3 +385,34 @@ def test_a_signal_while_interrupts_are_being_held_back_puts_every_handler_back(
     finally:
         for signum, handler in previous.items():
             real_signal(signum, handler)
+
+
+def test_interrupt_as_publishing_lets_go_of_its_lock_says_the_output_is_complete(
+    trio: Trio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal landing just after the renames, as the publish lock is let go: the output is in
+    place and complete, and the message says so (never "nothing was written")."""
+    reference = tmp_path / "reference"
+    expect_ok(invoke(trio.patch_args(reference, "--quiet")), reference)
+    output = tmp_path / "out"
+    real_close = os.close
+    sent: list[bool] = []
+
+    def close(fd: int) -> None:
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            name = ""
+        real_close(fd)
+        if not sent and name == str(tmp_path.resolve()) and output.is_dir():
+            sent.append(True)
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(os, "close", close)
+    result = invoke(trio.patch_args(output, "--quiet"))
+    assert sent
+    assert result.exit_code == ExitCode.INTERRUPTED, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: interrupted just after {output} was written; it is complete")
+    assert leftovers(tmp_path) == []
+    same_output(output, reference)

@@ -192,17 +192,24 @@ class OutputFolder(AbstractContextManager["OutputFolder"]):
         for path in self.path.iterdir():
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
-        with publish_lock(self.parent), deferred_signals() as caught:
-            check_replaceable(self.target, "--output")
-            for staged in self._attached:  # never the folder without its report
-                staged.check()
-            self._stage.mark(PUBLISHING)  # killed from here on: reclaim leaves it to the user
-            if self.force and _has_entries(self.target):
-                self._swap()
-            else:
-                self._rename()
-            for staged in self._attached:
-                staged.publish()
+        published = False
+        try:
+            with publish_lock(self.parent), deferred_signals() as caught:
+                check_replaceable(self.target, "--output")
+                for staged in self._attached:  # never the folder without its report
+                    staged.check()
+                self._stage.mark(PUBLISHING)  # killed from here on: reclaim leaves it to the user
+                if self.force and _has_entries(self.target):
+                    self._swap()
+                else:
+                    self._rename()
+                for staged in self._attached:
+                    staged.publish()
+                published = True
+        except KeyboardInterrupt:  # landed as the handlers came back or the lock was let go
+            if not published:
+                raise
+            caught = [0]  # after the renames: the output is in place, and complete
         if caught:
             raise Interrupted(
                 f"interrupted just after {self.target} was written; it is complete",

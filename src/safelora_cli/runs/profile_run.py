@@ -14,7 +14,6 @@ under its name, or absent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +21,16 @@ import torch
 
 from safelora_cli.inputs.full_targets import FullPair, Targets, pair_full_weights
 from safelora_cli.inputs.heads import HEAD, pair_heads, profiled_head
-from safelora_cli.inputs.index import TensorInfo, index_folder
 from safelora_cli.inputs.pairing import MODEL_CONFIG
-from safelora_cli.inputs.resolve import resolve
 from safelora_cli.inputs.smallfiles import load_json
 from safelora_cli.math.lowrank import LowRank, RankRule
 from safelora_cli.notices import Notices, NotifyFn
 from safelora_cli.runs.kinds import ProgressFn
-from safelora_cli.runs.pair_source import check_inputs_pair
+from safelora_cli.runs.pair_source import PairSource
 from safelora_cli.runs.profile_build import check_profile_output, profile_entry, write_profile
-from safelora_cli.runs.source import PathLike
+from safelora_cli.runs.source import Alignment, Dense, PathLike, Weight
 from safelora_cli.sources.profile import read_profile
 from safelora_cli.sources.profile_summary import describe
-from safelora_cli.sources.stream import map_alignment
-
-
-@dataclass(frozen=True)
-class _Pair:
-    """A weight to profile as a ``stream.Difference``: (W_base, W_aligned)."""
-
-    pair: FullPair
-
-    @property
-    def base(self) -> TensorInfo:
-        assert self.pair.base is not None  # paired against a base model
-        return self.pair.base
-
-    @property
-    def aligned(self) -> TensorInfo:
-        return self.pair.aligned
 
 
 def make_profile(
@@ -85,11 +65,9 @@ def make_profile(
     """
     notices = Notices(notify)
     output = Path(output)
-    base_input = resolve(str(base), revision, role="--base", notices=notices)
-    aligned_input = resolve(str(aligned), revision, role="--aligned", notices=notices)
-    check_inputs_pair(base_input, aligned_input, notices)
-    base_index, aligned_index = index_folder(base_input.path), index_folder(aligned_input.path)
-    config_path = base_input.path / MODEL_CONFIG
+    source = PairSource.open(base, aligned, revision, notices)
+    base_index, aligned_index = source.base, source.aligned
+    config_path = source.base_input.path / MODEL_CONFIG
     model_type = (load_json(config_path, "model config") if config_path.exists() else {}).get(
         "model_type"
     )
@@ -105,8 +83,8 @@ def make_profile(
         head=head,  # a tied lm_head is its embedding, named as pairing names it
     )
     check_profile_output(output, force)
-    entries = _entries(pairs, rule, device or torch.device("cpu"), progress)
-    inputs = {"base": base_input.describe(), "aligned": aligned_input.describe()}
+    entries = _entries(source, pairs, rule, device or torch.device("cpu"), progress)
+    inputs = source.inputs()
     transposed = {pair.name for pair in pairs if pair.transpose}
     tied = {HEAD: head} if head is not None else None
     write_profile(output, entries, inputs, rule, transposed=transposed, tied=tied, force=force,
@@ -117,20 +95,26 @@ def make_profile(
 
 
 def _entries(
-    pairs: list[FullPair], rule: RankRule, device: torch.device, progress: ProgressFn | None
+    source: PairSource,
+    pairs: list[FullPair],
+    rule: RankRule,
+    device: torch.device,
+    progress: ProgressFn | None,
 ) -> dict[str, LowRank]:
     """weight -> its entry, for each pair in order: V streamed in the module's orientation."""
+    transposed = {pair.name for pair in pairs if pair.transpose}
 
-    def entry(diff: _Pair, v: torch.Tensor, v_norm: float) -> LowRank:
-        pair = diff.pair
-        return profile_entry(pair.name, v.T if pair.transpose else v, v_norm, rule)
+    def entry(weight: Weight, alignment: Alignment) -> LowRank:
+        assert isinstance(alignment, Dense)  # the model pair streams V itself
+        v = alignment.v.T if weight.name in transposed else alignment.v
+        return profile_entry(weight.name, v, alignment.norm, rule)
 
-    diffs = [_Pair(pair) for pair in pairs]
-    total = sum(d.base.nbytes + d.aligned.nbytes for d in diffs)
+    weights = [Weight(pair.name, pair.base, pair.aligned) for pair in pairs]
+    total = sum(source.read_bytes(w) for w in weights)
     done, entries = 0, {}
-    for diff, found in zip(diffs, map_alignment(diffs, device, entry), strict=True):
-        entries[diff.pair.name] = found
-        done += diff.base.nbytes + diff.aligned.nbytes
+    for weight, found in zip(weights, source.map(weights, device, entry), strict=True):
+        entries[weight.name] = found
+        done += source.read_bytes(weight)
         if progress is not None:
-            progress(done, total, diff.pair.name)
+            progress(done, total, weight.name)
     return entries
